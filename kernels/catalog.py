@@ -1,0 +1,355 @@
+"""Triton kernels for full-catalog scoring (DESIGN §4.1-4.2) and their launchers.
+
+Scores are s[n, v] = (u[n] . x[v]) * item_scale[v] * scale, where item_scale is 1/||x[v]|| when
+NORMALIZE (cosine on raw rows, computed inside the tile from the same loads) and 1 otherwise;
+`scale` is 1/temperature. User rows arrive already normalised by the op layer.
+
+Forward, flash-decoding style: the grid is (row blocks, catalog splits); each program streams
+its split in BLOCK_V tiles and writes partial (max, sum-exp, count-above[, top-k keys]); a second
+small kernel merges the partials. Backward streams the catalog again with the saved lse; every
+output element is owned by exactly one program (no atomics), so results are deterministic.
+
+Top-k keys pack (score, id) into one int64 whose integer order is the ranking order of §4.1
+(higher score first, then smaller id): the float's bits mapped to an order-preserving int32 in
+the high word, 0xFFFFFFFF - id in the low word.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+EPS = 1e-12  # F.normalize's eps: a zero row scores 0, not NaN
+# key of a score of -inf with id 0xFFFFFFFF: below every real (score, id) key
+EMPTY_KEY = ((0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)) << 32
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_F32: tl.constexpr):
+    # DOT_F32: fp32 operands with exact (ieee) products. Set for fp32 tables, and in the
+    # interpreter, whose tl.dot multiplies raw bf16 bit patterns (DESIGN §3).
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tile_scores(U, X, rows, cols, row_mask, col_mask, D, stride_un, stride_ud, stride_xv,
+                 stride_xd, scale, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr):
+    """[BLOCK_N, BLOCK_V] fp32 scores and the [BLOCK_V] per-item factor applied to them."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    sumsq = tl.zeros((BLOCK_V,), tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        d_mask = dd < D
+        u = tl.load(U + rows[:, None] * stride_un + dd[None, :] * stride_ud,
+                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        x = tl.load(X + cols[:, None] * stride_xv + dd[None, :] * stride_xd,
+                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        if NORMALIZE:
+            xf = x.to(tl.float32)
+            sumsq += tl.sum(xf * xf, axis=1)
+        acc = _mma(u, tl.trans(x), acc, DOT_F32)
+    if NORMALIZE:
+        item_scale = scale / tl.maximum(tl.sqrt(sumsq), 1e-12)
+    else:
+        item_scale = tl.zeros((BLOCK_V,), tl.float32) + scale
+    return acc * item_scale[None, :], item_scale
+
+
+@triton.jit
+def _valid_mask(EXCL, rows, cols, row_mask, col_mask, L, stride_en, stride_el,
+                HAS_EXCL: tl.constexpr):
+    valid = row_mask[:, None] & col_mask[None, :]
+    if HAS_EXCL:
+        # L compares per tile instead of an N x |V| mask; -1 pads never match.
+        for j in range(0, L):
+            ex = tl.load(EXCL + rows * stride_en + j * stride_el, mask=row_mask, other=-1)
+            valid = valid & (cols[None, :] != ex[:, None])
+    return valid
+
+
+@triton.jit
+def _score_keys(s, cols, valid):
+    s = tl.where(valid, s, float("-inf")) + 0.0  # -0.0 -> +0.0 so equal scores tie on id
+    bits = s.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (ordered.to(tl.int64) << 32) | (4294967295 - cols.to(tl.int64))[None, :]
+
+
+@triton.jit
+def _catalog_fwd_kernel(
+    U, X, TGT, TSCORE, EXCL, PART_M, PART_L, PART_CNT, PART_KEYS,
+    N, V, D, L, tiles_per_split, scale, empty_key,
+    stride_un, stride_ud, stride_xv, stride_xd, stride_en, stride_el,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_EXCL: tl.constexpr, TOPK: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    tgt = tl.load(TGT + rows, mask=row_mask, other=-1)
+    t = tl.load(TSCORE + rows, mask=row_mask, other=0.0)
+    # a dropped target (t = -inf) ranks below every valid item: its tie term must never fire
+    t_tie = tl.where(t == float("-inf"), float("nan"), t)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_N,), tl.float32)
+    count = tl.zeros((BLOCK_N,), tl.int32)
+    if TOPK > 0:
+        best = tl.full((BLOCK_N, TOPK), empty_key, tl.int64)
+    v_begin = pid_s * tiles_per_split * BLOCK_V
+    for it in range(0, tiles_per_split):
+        cols = v_begin + it * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        s, _ = _tile_scores(U, X, rows, cols, row_mask, col_mask, D, stride_un, stride_ud,
+                            stride_xv, stride_xd, scale, BLOCK_N, BLOCK_V, BLOCK_D, NORMALIZE,
+                            DOT_F32)
+        valid = _valid_mask(EXCL, rows, cols, row_mask, col_mask, L, stride_en, stride_el,
+                            HAS_EXCL)
+        s_valid = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s_valid, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s_valid - m_safe[:, None]), axis=1)
+        m = m_new
+        above = (s > t[:, None]) | ((s == t_tie[:, None]) & (cols[None, :] < tgt[:, None]))
+        above = above & valid & (cols[None, :] != tgt[:, None])
+        count += tl.sum(above.to(tl.int32), axis=1)
+        if TOPK > 0:
+            # BLOCK_V == TOPK here: merge two sorted-able halves, keep the upper half
+            keys = _score_keys(s, cols, valid)
+            both = tl.reshape(tl.join(best, keys), (BLOCK_N, 2 * TOPK))
+            both = tl.sort(both, dim=1, descending=True)
+            both = tl.permute(tl.reshape(both, (BLOCK_N, 2, TOPK)), (0, 2, 1))
+            best, _ = tl.split(both)
+    out = pid_s * N + rows
+    tl.store(PART_M + out, m, mask=row_mask)
+    tl.store(PART_L + out, l, mask=row_mask)
+    tl.store(PART_CNT + out, count, mask=row_mask)
+    if TOPK > 0:
+        k_offs = tl.arange(0, TOPK)
+        tl.store(PART_KEYS + (rows[:, None] * num_splits + pid_s) * TOPK + k_offs[None, :], best,
+                 mask=row_mask[:, None])
+
+
+@triton.jit
+def _catalog_merge_kernel(PART_M, PART_L, PART_CNT, LSE, COUNT, N, num_splits,
+                          BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < N
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        m = tl.maximum(m, tl.load(PART_M + s * N + rows, mask=mask, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros((BLOCK,), tl.float32)
+    count = tl.zeros((BLOCK,), tl.int64)
+    for s in range(0, num_splits):
+        pm = tl.load(PART_M + s * N + rows, mask=mask, other=float("-inf"))
+        l += tl.load(PART_L + s * N + rows, mask=mask, other=0.0) * tl.exp(pm - m_safe)
+        count += tl.load(PART_CNT + s * N + rows, mask=mask, other=0).to(tl.int64)
+    tl.store(LSE + rows, m_safe + tl.log(l), mask=mask)
+    tl.store(COUNT + rows, count, mask=mask)
+
+
+@triton.jit
+def _catalog_bwd_user_kernel(
+    U, X, TGT, LSE, G, EXCL, PART_GU,
+    N, V, D, L, tiles_per_split, scale,
+    stride_un, stride_ud, stride_xv, stride_xd, stride_en, stride_el,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_EXCL: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """PART_GU[split, n] = sum over the split of g[n] * (1[v = tgt] - p[n, v]) * x_hat[v]."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    tgt = tl.load(TGT + rows, mask=row_mask, other=-1)
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    g = tl.load(G + rows, mask=row_mask, other=0.0)
+    offs_d = tl.arange(0, BLOCK_D)
+    out_base = PART_GU + (pid_s * N + rows[:, None]) * D
+    v_begin = pid_s * tiles_per_split * BLOCK_V
+    for it in range(0, tiles_per_split):
+        cols = v_begin + it * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        s, item_scale = _tile_scores(U, X, rows, cols, row_mask, col_mask, D, stride_un,
+                                     stride_ud, stride_xv, stride_xd, scale, BLOCK_N, BLOCK_V,
+                                     BLOCK_D, NORMALIZE, DOT_F32)
+        valid = _valid_mask(EXCL, rows, cols, row_mask, col_mask, L, stride_en, stride_el,
+                            HAS_EXCL)
+        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        coef = (cols[None, :] == tgt[:, None]).to(tl.float32) - p
+        coef = coef * g[:, None] * item_scale[None, :]
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            d_mask = dd < D
+            x = tl.load(X + cols[:, None] * stride_xv + dd[None, :] * stride_xd,
+                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            o_mask = row_mask[:, None] & d_mask[None, :]
+            acc = tl.load(out_base + dd[None, :], mask=o_mask, other=0.0)
+            acc = _mma(coef.to(x.dtype), x, acc, DOT_F32)
+            tl.store(out_base + dd[None, :], acc, mask=o_mask)
+
+
+@triton.jit
+def _catalog_bwd_items_kernel(
+    U, X, TGT, LSE, G, EXCL, GX,
+    N, V, D, L, scale,
+    stride_un, stride_ud, stride_xv, stride_xd, stride_en, stride_el,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_EXCL: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """GX[v] = sum over all rows n of g[n] * (1[v = tgt[n]] - p[n, v]) * scale * u[n]."""
+    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    offs_d = tl.arange(0, BLOCK_D)
+    out_base = GX + cols[:, None] * D
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        tgt = tl.load(TGT + rows, mask=row_mask, other=-1)
+        lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+        g = tl.load(G + rows, mask=row_mask, other=0.0)
+        s, _ = _tile_scores(U, X, rows, cols, row_mask, col_mask, D, stride_un, stride_ud,
+                            stride_xv, stride_xd, scale, BLOCK_N, BLOCK_V, BLOCK_D, False,
+                            DOT_F32)
+        valid = _valid_mask(EXCL, rows, cols, row_mask, col_mask, L, stride_en, stride_el,
+                            HAS_EXCL)
+        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        coef = ((cols[None, :] == tgt[:, None]).to(tl.float32) - p) * (g * scale)[:, None]
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            d_mask = dd < D
+            u = tl.load(U + rows[:, None] * stride_un + dd[None, :] * stride_ud,
+                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            o_mask = col_mask[:, None] & d_mask[None, :]
+            acc = tl.load(out_base + dd[None, :], mask=o_mask, other=0.0)
+            acc = _mma(tl.trans(coef.to(u.dtype)), u, acc, DOT_F32)
+            tl.store(out_base + dd[None, :], acc, mask=o_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few splits, so the merge path is always exercised
+
+
+def _check_operands(user, items, target, exclude):
+    if user.dim() != 2 or items.dim() != 2 or user.shape[1] != items.shape[1]:
+        raise ValueError(f"user {tuple(user.shape)} and items {tuple(items.shape)} must be [N, d] and [V, d]")
+    if user.dtype != items.dtype:
+        raise ValueError(f"user dtype {user.dtype} must equal items dtype {items.dtype} (cast in the op)")
+    if target.shape != (user.shape[0],) or target.dtype != torch.int64:
+        raise ValueError("target must be int64 [N]")
+    if exclude is not None and (exclude.dim() != 2 or exclude.shape[0] != user.shape[0]
+                                or exclude.dtype != torch.int64):
+        raise ValueError("exclude must be int64 [N, L]")
+
+
+def _blocks(n_rows: int, d: int, dtype: torch.dtype, topk_pad: int):
+    dot_f32 = dtype == torch.float32 or _interpreting()
+    block_n = 16 if n_rows <= 16 else (32 if n_rows <= 32 else 64)
+    block_d = 64 if dtype == torch.float32 else 128
+    block_d = min(block_d, max(16, triton.next_power_of_2(d)))
+    block_v = topk_pad if topk_pad else 128
+    if _interpreting():
+        block_n, block_v, block_d = min(block_n, 16), (topk_pad or 32), min(block_d, 32)
+    return block_n, block_v, block_d, dot_f32
+
+
+def _splits(n_blocks: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
+    """(num_splits, tiles_per_split) so that the grid fills the device ~4 programs deep."""
+    want = max(1, math.ceil(4 * _num_sms(device) / n_blocks))
+    splits = min(n_tiles, want)
+    tiles_per_split = math.ceil(n_tiles / splits)
+    return math.ceil(n_tiles / tiles_per_split), tiles_per_split
+
+
+def catalog_forward(user, items, target, target_score, exclude, scale: float, normalize: bool,
+                    topk: int = 0):
+    """lse [N] fp32, count-above [N] int64 and, when topk > 0, int64 keys [N, splits * topk_pad].
+
+    `user` [N, d] is normalised already and has `items`' dtype; `target_score` [N] fp32 is the
+    target's score (-inf where it is dropped); `exclude` is int64 [N, L] or None, with the ids
+    that must stay in the catalog already replaced by -1.
+    """
+    _check_operands(user, items, target, exclude)
+    n_rows, d = user.shape
+    n_items = items.shape[0]
+    topk_pad = 0 if topk == 0 else max(16, triton.next_power_of_2(topk))
+    block_n, block_v, block_d, dot_f32 = _blocks(n_rows, d, items.dtype, topk_pad)
+    n_blocks = triton.cdiv(n_rows, block_n)
+    splits, tiles_per_split = _splits(n_blocks, triton.cdiv(n_items, block_v), user.device)
+    dev = user.device
+    part_m = torch.empty(splits, n_rows, device=dev, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    part_cnt = torch.empty(splits, n_rows, device=dev, dtype=torch.int32)
+    part_keys = torch.empty(n_rows, splits, max(topk_pad, 1), device=dev, dtype=torch.int64)
+    excl = exclude if exclude is not None else target.view(-1, 1)  # never read when absent
+    _catalog_fwd_kernel[(n_blocks, splits)](
+        user, items, target, target_score, excl, part_m, part_l, part_cnt, part_keys,
+        n_rows, n_items, d, excl.shape[1], tiles_per_split, scale, EMPTY_KEY,
+        user.stride(0), user.stride(1), items.stride(0), items.stride(1),
+        excl.stride(0), excl.stride(1),
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, NORMALIZE=normalize,
+        HAS_EXCL=exclude is not None, TOPK=topk_pad, DOT_F32=dot_f32,
+        num_warps=8 if topk_pad >= 128 else 4,
+    )
+    lse = torch.empty(n_rows, device=dev, dtype=torch.float32)
+    count = torch.empty(n_rows, device=dev, dtype=torch.int64)
+    merge_block = 128
+    _catalog_merge_kernel[(triton.cdiv(n_rows, merge_block),)](
+        part_m, part_l, part_cnt, lse, count, n_rows, splits, BLOCK=merge_block)
+    keys = part_keys.view(n_rows, -1) if topk else None
+    return lse, count, keys
+
+
+def catalog_backward(user, items, target, lse, grad, exclude, scale: float,
+                     normalize: bool, need_user: bool, need_items: bool):
+    """Gradients of sum_n g[n] * log p(target[n]) w.r.t. `user` ([N, d] fp32) and `items`
+    ([V, d] fp32, only with normalize=False); g = `grad` is the upstream gradient [N] fp32."""
+    _check_operands(user, items, target, exclude)
+    n_rows, d = user.shape
+    n_items = items.shape[0]
+    block_n, block_v, block_d, dot_f32 = _blocks(n_rows, d, items.dtype, 0)
+    excl = exclude if exclude is not None else target.view(-1, 1)
+    common = (user.stride(0), user.stride(1), items.stride(0), items.stride(1),
+              excl.stride(0), excl.stride(1))
+    grad_user = grad_items = None
+    if need_user:
+        n_blocks = triton.cdiv(n_rows, block_n)
+        splits, tiles_per_split = _splits(n_blocks, triton.cdiv(n_items, block_v), user.device)
+        part = torch.zeros(splits, n_rows, d, device=user.device, dtype=torch.float32)
+        _catalog_bwd_user_kernel[(n_blocks, splits)](
+            user, items, target, lse, grad, excl, part,
+            n_rows, n_items, d, excl.shape[1], tiles_per_split, scale, *common,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, NORMALIZE=normalize,
+            HAS_EXCL=exclude is not None, DOT_F32=dot_f32)
+        grad_user = part.sum(0)  # fixed-order reduction over splits: deterministic
+    if need_items:
+        if normalize:
+            raise ValueError("item gradients need pre-normalised items (normalize=False)")
+        grad_items = torch.zeros(n_items, d, device=user.device, dtype=torch.float32)
+        _catalog_bwd_items_kernel[(triton.cdiv(n_items, block_v),)](
+            user, items, target, lse, grad, excl, grad_items,
+            n_rows, n_items, d, excl.shape[1], scale, *common,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+            HAS_EXCL=exclude is not None, DOT_F32=dot_f32)
+    return grad_user, grad_items

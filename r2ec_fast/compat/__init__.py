@@ -1,0 +1,1 @@
+"""Drop-in backend for the reference RecPO trainer."""

@@ -1,0 +1,1 @@
+"""Datasets, prompts and synthetic data (DESIGN §6). Knows tokenizers only."""

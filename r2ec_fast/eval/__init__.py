@@ -1,0 +1,1 @@
+"""Evaluation: full-catalog ranking metrics."""

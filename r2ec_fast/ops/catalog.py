@@ -1,0 +1,445 @@
+"""Full-catalog scoring and the catalog log-probability (DESIGN §4.1-4.2).
+
+Three implementations behind each public function (DESIGN §3):
+- ``reference``: materialises the N x |V| score matrix (the oracle; float64 with upcast=True);
+- ``torch``: streams the catalog in chunks, memory O(N * chunk) beyond the inputs;
+- ``triton``: the kernels of ``r2ec_fast.kernels.catalog`` (split catalog + merge).
+
+Rank rule (§4.1): the number of non-excluded items with a higher score than the target, plus
+those with an equal score and a smaller id; 0 is the top. A dropped target (only with
+``mask_excluded_target=True``) has score -inf and ranks below every remaining item.
+Rows whose statistics are NaN (NaN in the user row or in the table) get rank -1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from r2ec_fast.ops._backend import resolve_backend
+from r2ec_fast.ops.item_table import SIMILARITIES, ItemTable
+
+MAX_TOPK = 256
+EPS = 1e-12  # F.normalize's: a zero row scores 0, not NaN
+# scores chunk of the torch backend: 2^21 fp32 elements (8 MiB), also the bound on chunk x d
+CHUNK_ELEMS = 1 << 21
+EMPTY_KEY = ((0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)) << 32  # (score -inf, id 2^32 - 1)
+
+
+@dataclass
+class CatalogScores:
+    """Per-row statistics of a user's scores over the catalog (fp32 / int64)."""
+
+    lse: torch.Tensor  # [N] log-sum-exp of the non-excluded scores
+    target_score: torch.Tensor | None  # [N] score of the target (-inf when dropped)
+    rank: torch.Tensor | None  # [N] int64, 0 = top, -1 where the row is NaN
+    topk_scores: torch.Tensor | None = None  # [N, k], -inf where fewer than k items remain
+    topk_ids: torch.Tensor | None = None  # [N, k] int64, -1 where fewer than k items remain
+
+    def target_prob(self) -> torch.Tensor:
+        """R_c: softmax probability of the target over the catalog."""
+        return torch.exp(self.target_score - self.lse)
+
+    def ndcg(self, k: int) -> torch.Tensor:
+        """NDCG@k of a single relevant item: 1/log2(rank + 2) if rank < k else 0 (NaN rows NaN)."""
+        r = self.rank.to(torch.float32)
+        val = torch.where(self.rank < k, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r))
+        return torch.where(self.rank < 0, torch.full_like(r, float("nan")), val)
+
+    def hit(self, k: int) -> torch.Tensor:
+        r = (self.rank < k).to(torch.float32)
+        return torch.where(self.rank < 0, torch.full_like(r, float("nan")), r)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@dataclass
+class _Call:
+    user: torch.Tensor  # [N, d] as given
+    items: torch.Tensor  # [V, d] rows to stream
+    items_normalized: bool  # rows already L2-normalised (an ItemTable with cosine)
+    target: torch.Tensor | None  # [N] int64
+    exclude: torch.Tensor | None  # [N, L] int64, -1 where the id must stay in the catalog
+    dropped: torch.Tensor | None  # [N] bool: target removed (mask_excluded_target)
+    scale: float  # 1 / temperature
+    cosine: bool
+
+
+def _check_ids(name: str, ids: torch.Tensor, low: int, high: int) -> None:
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer ids, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < low or int(ids.max()) >= high):
+        raise ValueError(f"{name} has ids outside [{low}, {high}): min {int(ids.min())}, "
+                         f"max {int(ids.max())}")
+
+
+def _prepare(user_h, items, target, exclude, temperature, similarity, topk,
+             mask_excluded_target) -> _Call:
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity={similarity!r}; choose one of {SIMILARITIES}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    normalized = False
+    if isinstance(items, ItemTable):
+        if items.similarity != similarity:
+            raise ValueError(f"the ItemTable was built for similarity={items.similarity!r} but "
+                             f"similarity={similarity!r} was asked")
+        normalized, items = items.normalized, items.weight
+    for name, t in (("user_h", user_h), ("items", items)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor")
+        if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{name} must be a non-empty 2-D tensor, got shape {tuple(t.shape)}")
+    n_rows, n_items = user_h.shape[0], items.shape[0]
+    if user_h.shape[1] != items.shape[1]:
+        raise ValueError(f"user_h has d={user_h.shape[1]} but items has d={items.shape[1]}")
+    if user_h.device != items.device:
+        raise ValueError(f"user_h is on {user_h.device} but items is on {items.device}")
+    if not (isinstance(topk, int) and 0 <= topk <= MAX_TOPK):
+        raise ValueError(f"topk must be an int in [0, {MAX_TOPK}], got {topk!r}")
+    if topk > n_items:
+        raise ValueError(f"topk={topk} exceeds the catalog size {n_items}")
+    if target is not None:
+        if target.shape != (n_rows,):
+            raise ValueError(f"target must have shape [{n_rows}], got {tuple(target.shape)}")
+        if target.device != user_h.device:
+            raise ValueError(f"target is on {target.device} but user_h is on {user_h.device}")
+        _check_ids("target", target, 0, n_items)
+        target = target.to(torch.int64).contiguous()
+    dropped = None
+    if exclude is not None:
+        if exclude.dim() != 2 or exclude.shape[0] != n_rows:
+            raise ValueError(f"exclude must have shape [{n_rows}, L], got {tuple(exclude.shape)}")
+        if exclude.device != user_h.device:
+            raise ValueError(f"exclude is on {exclude.device} but user_h is on {user_h.device}")
+        _check_ids("exclude", exclude, -1, n_items)
+        exclude = exclude.to(torch.int64)
+        if target is not None:
+            hits = exclude == target[:, None]
+            if mask_excluded_target:
+                dropped = hits.any(dim=1)
+            else:  # the target stays in the catalog: un-exclude it
+                exclude = exclude.masked_fill(hits, -1)
+        if exclude.shape[1] == 0:
+            exclude = None
+    return _Call(user_h, items, normalized, target, exclude, dropped, 1.0 / float(temperature),
+                 similarity == "cosine")
+
+
+def _normalize_user(call: _Call) -> torch.Tensor:
+    u = call.user.float()
+    return F.normalize(u, dim=-1, eps=EPS) if call.cosine else u
+
+
+def _target_score(u_k: torch.Tensor, items: torch.Tensor, target: torch.Tensor, scale: float,
+                  normalize: bool) -> torch.Tensor:
+    """[N] fp32 target scores from the same operands the streaming pass multiplies."""
+    rows = items[target].float()  # [N, d]
+    factor = scale / rows.norm(dim=-1).clamp_min(EPS) if normalize else scale
+    return (u_k.float() * rows).sum(-1) * factor
+
+
+# ----------------------------------------------------------------------------- top-k keys
+
+
+def score_keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose order is the ranking order: higher score first, then smaller id."""
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32)  # -0.0 -> +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (ordered.to(torch.int64) << 32) | (0xFFFFFFFF - ids.to(torch.int64))
+
+
+def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    high = (keys >> 32).to(torch.int32)
+    scores = torch.where(high < 0, high ^ 0x7FFFFFFF, high).view(torch.float32)
+    ids = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+    return scores, torch.where(scores == float("-inf"), torch.full_like(ids, -1), ids)
+
+
+# ----------------------------------------------------------------------------- torch backend
+
+
+def _chunk_size(n_rows: int, d: int) -> int:
+    return max(1, min(CHUNK_ELEMS // n_rows, CHUNK_ELEMS // d))
+
+
+def _chunk_scores(u32, items, a, b, scale, normalize, exclude):
+    """Scores [N, b - a] fp32 of items[a:b] (excluded entries -inf) and the per-item factor."""
+    xc = items[a:b].float()  # [c, d]
+    factor = scale / xc.norm(dim=-1).clamp_min(EPS) if normalize else torch.full(
+        (b - a,), scale, device=xc.device)
+    s = (u32 @ xc.T).mul_(factor)
+    if exclude is not None:
+        inside = (exclude >= a) & (exclude < b)
+        # add -inf at excluded ids and 0 elsewhere: duplicates and order do not matter
+        s.scatter_add_(1, torch.where(inside, exclude - a, 0),
+                       torch.where(inside, float("-inf"), 0.0))
+    return s, factor, xc
+
+
+def _torch_forward(u_k, items, target, t, exclude, scale, normalize, topk):
+    n_rows, d = u_k.shape
+    u32 = u_k.float()
+    lse = torch.full((n_rows,), float("-inf"), device=u_k.device)
+    count = torch.zeros(n_rows, dtype=torch.int64, device=u_k.device)
+    t_col = t[:, None]
+    t_tie = torch.where(t == float("-inf"), float("nan"), t)[:, None]
+    tgt = target[:, None]
+    best = torch.full((n_rows, topk), EMPTY_KEY, dtype=torch.int64, device=u_k.device)
+    chunk = _chunk_size(n_rows, d)
+    for a in range(0, items.shape[0], chunk):
+        b = min(a + chunk, items.shape[0])
+        s, _, _ = _chunk_scores(u32, items, a, b, scale, normalize, exclude)
+        ids = torch.arange(a, b, device=u_k.device)
+        lse = torch.logaddexp(lse, torch.logsumexp(s, dim=1))
+        above = (s > t_col) | ((s == t_tie) & (ids < tgt))
+        count += (above & (ids != tgt)).sum(1)
+        if topk:
+            keys = score_keys(s, ids)
+            best = torch.topk(torch.cat([best, keys], 1), topk, dim=1, sorted=True).values
+    return lse, count, (best if topk else None)
+
+
+def _torch_backward(u_k, items, target, lse, grad, exclude, scale, normalize, need_u, need_x):
+    n_rows, d = u_k.shape
+    u32 = u_k.float()
+    grad_u = torch.zeros(n_rows, d, device=u_k.device) if need_u else None
+    grad_x = torch.empty(items.shape, device=u_k.device) if need_x else None
+    chunk = _chunk_size(n_rows, d)
+    for a in range(0, items.shape[0], chunk):
+        b = min(a + chunk, items.shape[0])
+        s, factor, xc = _chunk_scores(u32, items, a, b, scale, normalize, exclude)
+        coef = s.sub_(lse[:, None]).exp_().neg_()  # -p  [N, c]
+        inside = (target >= a) & (target < b)
+        coef.scatter_add_(1, torch.where(inside, target - a, 0)[:, None],
+                          inside.to(coef.dtype)[:, None])  # + 1[v = target]
+        coef.mul_(grad[:, None])
+        if need_u:
+            grad_u.addmm_(coef * factor, xc)
+        if need_x:
+            torch.mm(coef.T, u32, out=grad_x[a:b]).mul_(scale)
+    return grad_u, grad_x
+
+
+# ----------------------------------------------------------------------------- triton backend
+
+
+def _triton_forward(u_k, items, target, t, exclude, scale, normalize, topk):
+    from r2ec_fast.kernels import catalog as kern
+
+    lse, count, keys = kern.catalog_forward(u_k, items, target, t.contiguous(), exclude, scale,
+                                            normalize, topk)
+    if topk:
+        keys = torch.topk(keys, topk, dim=1, sorted=True).values
+    return lse, count, keys
+
+
+def _triton_backward(u_k, items, target, lse, grad, exclude, scale, normalize, need_u, need_x):
+    from r2ec_fast.kernels import catalog as kern
+
+    return kern.catalog_backward(u_k, items, target, lse, grad.contiguous(), exclude, scale,
+                                 normalize, need_u, need_x)
+
+
+_FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
+_BACKWARD = {"torch": _torch_backward, "triton": _triton_backward}
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _reference_scores(user_h, items, exclude, temperature, similarity, upcast):
+    dtype = torch.float64 if upcast else torch.promote_types(user_h.dtype, items.dtype)
+    u, x = user_h.to(dtype), items.to(dtype)
+    if similarity == "cosine":
+        u, x = F.normalize(u, dim=-1, eps=EPS), F.normalize(x, dim=-1, eps=EPS)
+    s = (u @ x.T).float() if not upcast else u @ x.T  # [N, V]
+    s = s / temperature
+    return s, _exclusion_mask(exclude, s.shape, s.device)
+
+
+def _exclusion_mask(exclude, shape, device) -> torch.Tensor:
+    """[N, V] bool, True at excluded ids (the materialised mask the other backends avoid)."""
+    hits = torch.zeros(shape, dtype=torch.int32, device=device)
+    if exclude is not None:  # add, not assign: -1 pads clamp onto column 0 and add nothing
+        ex = exclude.long()
+        hits.scatter_add_(1, ex.clamp_min(0), (ex >= 0).to(torch.int32))
+    return hits > 0
+
+
+def score_catalog_reference(user_h, items, target=None, exclude=None, temperature=0.02,
+                            similarity="cosine", topk=0, mask_excluded_target=False,
+                            upcast=True) -> CatalogScores:
+    """Materialise the N x |V| scores (float64 with upcast, else fp32 after the input-dtype
+    matmul, i.e. plain PyTorch) and apply §4.1 literally."""
+    if isinstance(items, ItemTable):
+        items = items.weight
+    s, mask = _reference_scores(user_h, items, exclude, temperature, similarity, upcast)
+    ids = torch.arange(s.shape[1], device=s.device)
+    if target is not None and not mask_excluded_target:
+        mask &= ids[None, :] != target[:, None]
+    s = s.masked_fill(mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=1)
+    t = rank = None
+    if target is not None:
+        tgt = target.long()[:, None]
+        t = s.gather(1, tgt)[:, 0]
+        tie = (s == t[:, None]) & (ids[None, :] < tgt) & ~mask
+        rank = ((s > t[:, None]) | tie).sum(1)
+        rank = torch.where(torch.isnan(lse) | torch.isnan(t), -1, rank)
+    out = CatalogScores(lse, t, rank)
+    if topk:
+        order = torch.sort(s, dim=1, descending=True, stable=True)  # ties: smaller id first
+        out.topk_scores = order.values[:, :topk]
+        out.topk_ids = torch.where(out.topk_scores == float("-inf"), -1, order.indices[:, :topk])
+    return out
+
+
+def catalog_log_prob_reference(user_h, items, target, exclude=None, temperature=0.02,
+                               similarity="cosine", upcast=True) -> torch.Tensor:
+    """log softmax of the target over the non-excluded catalog, by autograd on the full matrix."""
+    if isinstance(items, ItemTable):
+        items = items.weight
+    s, mask = _reference_scores(user_h, items, exclude, temperature, similarity, upcast)
+    ids = torch.arange(s.shape[1], device=s.device)
+    mask &= ids[None, :] != target[:, None]
+    s = s.masked_fill(mask, float("-inf"))
+    return s.gather(1, target.long()[:, None])[:, 0] - torch.logsumexp(s, dim=1)
+
+
+def reference_trainer_rewards(user_h, items, target, exclude=None, temperature=0.02,
+                              similarity="cosine", k=1000, beta=0.05,
+                              mask_excluded_target=True) -> dict[str, torch.Tensor]:
+    """The reference trainer's reward recipe in plain PyTorch (DESIGN §5 step 3): materialise
+    the masked similarity, softmax for R_c, ``topk(k)`` for NDCG@k. The benchmark's "plain"
+    path and the tests' check of the derived rewards."""
+    if isinstance(items, ItemTable):
+        items = items.weight
+    dtype = torch.promote_types(user_h.dtype, items.dtype)
+    u, x = user_h.to(dtype), items.to(dtype)
+    if similarity == "cosine":
+        u, x = F.normalize(u, dim=-1, eps=EPS), F.normalize(x, dim=-1, eps=EPS)
+    s = (u @ x.T).float() / temperature  # [N, V]
+    if exclude is not None:
+        ex = exclude.long()
+        if not mask_excluded_target:
+            ex = ex.masked_fill(ex == target[:, None], -1)
+        s = s.masked_fill(_exclusion_mask(ex, s.shape, s.device), float("-inf"))
+    rc = torch.softmax(s, dim=1).gather(1, target.long()[:, None])[:, 0]
+    top = torch.topk(s, min(k, s.shape[1]), dim=1).indices  # [N, k]
+    where = top == target[:, None]
+    pos = where.float().argmax(dim=1).float()
+    ndcg = torch.where(where.any(dim=1), 1.0 / torch.log2(pos + 2.0), torch.zeros_like(pos))
+    return {"ndcg": ndcg, "rc": rc, "reward": (1 - beta) * ndcg + beta * rc}
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+@torch.no_grad()
+def score_catalog(user_h, items, target=None, exclude=None, temperature=0.02,
+                  similarity="cosine", topk=0, mask_excluded_target=False,
+                  backend=None) -> CatalogScores:
+    """Score each user row against the whole catalog in one streaming pass (DESIGN §4.1).
+
+    Args:
+        user_h: [N, d] final hidden states (any float dtype, any strides).
+        items: [V, d] tensor or ``ItemTable``.
+        target: [N] item ids, or None (then only lse and top-k are returned).
+        exclude: [N, L] ids to drop per row (the history), -1 pads; the target stays unless
+            ``mask_excluded_target``.
+        topk: also return the k best (score, id) per row, k <= 256.
+    Returns a ``CatalogScores`` (fp32 statistics, int64 ranks and ids).
+    """
+    call = _prepare(user_h, items, target, exclude, temperature, similarity, topk,
+                    mask_excluded_target)
+    backend = resolve_backend(backend, user_h, call.items)
+    if backend == "reference":
+        out = score_catalog_reference(user_h, call.items, target, exclude, temperature,
+                                      similarity, topk, mask_excluded_target, upcast=False)
+        out.lse = out.lse.float()
+        return out
+    normalize = call.cosine and not call.items_normalized
+    u_k = _normalize_user(call).to(call.items.dtype)  # the operand the kernels multiply
+    n_rows = u_k.shape[0]
+    if call.target is not None:
+        tgt = call.target
+        t = _target_score(u_k, call.items, tgt, call.scale, normalize)
+        if call.dropped is not None:
+            t = t.masked_fill(call.dropped, float("-inf"))
+    else:  # nothing ranks above an infinite dummy target
+        tgt = torch.full((n_rows,), -1, dtype=torch.int64, device=u_k.device)
+        t = torch.full((n_rows,), float("inf"), device=u_k.device)
+    lse, count, keys = _FORWARD[backend](u_k, call.items, tgt, t, call.exclude, call.scale,
+                                         normalize, topk)
+    out = CatalogScores(lse, None, None)
+    if call.target is not None:
+        out.target_score = t
+        out.rank = torch.where(torch.isnan(lse) | torch.isnan(t), -1, count)
+    if topk:
+        out.topk_scores, out.topk_ids = decode_keys(keys)
+    return out
+
+
+class _CatalogLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u_hat, items, target, exclude, scale, normalize, backend):
+        u_k = u_hat.detach().to(items.dtype)
+        t = _target_score(u_k, items.detach(), target, scale, normalize)
+        lse, _, _ = _FORWARD[backend](u_k, items.detach(), target, t, exclude, scale, normalize, 0)
+        ctx.save_for_backward(u_k, items, target, lse, exclude)
+        ctx.scale, ctx.normalize, ctx.backend = scale, normalize, backend
+        return t - lse
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        u_k, items, target, lse, exclude = ctx.saved_tensors
+        need_u, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_u, grad_x = _BACKWARD[ctx.backend](
+            u_k, items.detach(), target, lse, grad_out.float().contiguous(), exclude, ctx.scale,
+            ctx.normalize, need_u, need_x)
+        if grad_x is not None:
+            grad_x = grad_x.to(items.dtype)
+        return grad_u, grad_x, None, None, None, None, None
+
+
+def catalog_log_prob(user_h, items, target, exclude=None, temperature=0.02, similarity="cosine",
+                     backend=None) -> torch.Tensor:
+    """[N] fp32 log-probability of each target under the softmax over the (non-excluded)
+    catalog, differentiable w.r.t. ``user_h`` and, when it requires grad, ``items`` (a tensor).
+    The target is never excluded. Backward streams the catalog again with the saved lse."""
+    if target is None:
+        raise ValueError("catalog_log_prob needs target ids")
+    call = _prepare(user_h, items, target, exclude, temperature, similarity, 0, False)
+    backend = resolve_backend(backend, user_h, call.items)
+    if backend == "reference":
+        return catalog_log_prob_reference(user_h, call.items, target, exclude, temperature,
+                                          similarity, upcast=False).float()
+    x = call.items
+    normalize = call.cosine and not call.items_normalized
+    if normalize and x.requires_grad:  # let autograd carry the row normalisation
+        x = F.normalize(x.float(), dim=-1, eps=EPS).to(x.dtype)
+        normalize = False
+    return _CatalogLogProb.apply(_normalize_user(call), x, call.target, call.exclude, call.scale,
+                                 normalize, backend)
+
+
+def in_batch_log_prob(user_h, item_h, labels, temperature=0.02, similarity="cosine"):
+    """The reference trainer's item action (DESIGN §4.2): log softmax over the B items of the
+    batch, [N] fp32, ``labels[n]`` indexes ``item_h``. A small matrix: plain PyTorch."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity={similarity!r}; choose one of {SIMILARITIES}")
+    if user_h.dim() != 2 or item_h.dim() != 2 or user_h.shape[1] != item_h.shape[1]:
+        raise ValueError(f"user_h [N, d] and item_h [B, d] must share d, got "
+                         f"{tuple(user_h.shape)} and {tuple(item_h.shape)}")
+    if labels.shape != (user_h.shape[0],):
+        raise ValueError(f"labels must have shape [{user_h.shape[0]}], got {tuple(labels.shape)}")
+    _check_ids("labels", labels, 0, item_h.shape[0])
+    u, x = user_h.float(), item_h.float()
+    if similarity == "cosine":
+        u, x = F.normalize(u, dim=-1, eps=EPS), F.normalize(x, dim=-1, eps=EPS)
+    logits = u @ x.T / temperature  # [N, B]
+    return torch.log_softmax(logits, dim=1).gather(1, labels.long()[:, None])[:, 0]

@@ -1,0 +1,89 @@
+"""`ItemTable`: the rec head H_V, one row per item, as the trainer holds it (DESIGN §4.1)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SIMILARITIES = ("cosine", "dot")
+TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class ItemTable:
+    """Item rows in the dtype the scoring kernels stream (bf16 halves the bytes read).
+
+    For ``similarity="cosine"`` the rows are stored L2-normalised (normalised in fp32, then
+    cast), so scoring skips the per-row norm; for ``"dot"`` they are stored as given.
+    The table never takes part in autograd: it is refreshed from detached encodings.
+    """
+
+    def __init__(self, rows: torch.Tensor, similarity: str = "cosine",
+                 dtype: torch.dtype | None = None):
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity={similarity!r}; choose one of {SIMILARITIES}")
+        dtype = rows.dtype if dtype is None else dtype
+        if dtype not in TABLE_DTYPES:
+            raise ValueError(f"ItemTable dtype {dtype} is not one of {TABLE_DTYPES}")
+        if rows.dim() != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
+            raise ValueError(f"rows must be a non-empty [V, d] tensor, got shape {tuple(rows.shape)}")
+        if not rows.is_floating_point():
+            raise ValueError(f"rows must be floating point, got {rows.dtype}")
+        self.similarity = similarity
+        self.weight = self._prepare(rows.detach(), dtype)  # [V, d]
+
+    def _prepare(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.similarity == "cosine":
+            rows = F.normalize(rows.float(), dim=-1)
+        return rows.to(dtype).contiguous()
+
+    @property
+    def normalized(self) -> bool:
+        return self.similarity == "cosine"
+
+    @property
+    def num_items(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __repr__(self) -> str:
+        return (f"ItemTable(num_items={self.num_items}, dim={self.dim}, dtype={self.dtype}, "
+                f"similarity={self.similarity!r}, device={self.device})")
+
+    def to(self, device: torch.device | str) -> "ItemTable":
+        self.weight = self.weight.to(device)
+        return self
+
+    @torch.no_grad()
+    def refresh_rows(self, ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Overwrite rows ``ids`` [B] with fresh encodings ``hidden`` [B, d] (detached).
+
+        With duplicate ids the last occurrence wins.
+        """
+        if ids.dim() != 1 or hidden.dim() != 2 or hidden.shape != (ids.shape[0], self.dim):
+            raise ValueError(f"refresh_rows needs ids [B] and hidden [B, {self.dim}], got "
+                             f"{tuple(ids.shape)} and {tuple(hidden.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"ids must be integer, got {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_items):
+            raise ValueError(f"ids out of range [0, {self.num_items})")
+        ids = ids.to(self.device)
+        # keep the last occurrence of each id so the write does not depend on scatter order
+        order = torch.arange(ids.numel(), device=ids.device)
+        last = torch.full((self.num_items,), -1, dtype=torch.long, device=ids.device)
+        last.scatter_reduce_(0, ids.long(), order, reduce="amax")
+        keep = last[ids.long()] == order
+        self.weight[ids[keep].long()] = self._prepare(hidden.detach()[keep.to(hidden.device)]
+                                                      .to(self.device), self.dtype)

@@ -1,0 +1,1 @@
+"""Rollout: paged KV cache, scheduler, sampler."""

@@ -1,0 +1,1 @@
+"""RecPO training loop, FSDP, checkpoints, metrics."""
