@@ -37,10 +37,15 @@ def _mma(a, b, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _tile_scores(U, X, rows, cols, row_mask, col_mask, D, stride_un, stride_ud, stride_xv,
-                 stride_xd, scale, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr):
-    """[BLOCK_N, BLOCK_V] fp32 scores and the [BLOCK_V] per-item factor applied to them."""
+def _tile_scores(U, U_LO, X, rows, cols, row_mask, col_mask, D, stride_un, stride_ud,
+                 stride_xv, stride_xd, scale, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr, SPLIT_U: tl.constexpr,
+                 DOT_F32: tl.constexpr):
+    """[BLOCK_N, BLOCK_V] fp32 scores and the [BLOCK_V] per-item factor applied to them.
+
+    SPLIT_U: fp32 user rows against a 16-bit table arrive as hi + lo 16-bit parts (U, U_LO);
+    two dots keep ~16 mantissa bits of the user side instead of 8 at twice the tensor-core
+    work, which is free while the pass is bound by reading the table."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     sumsq = tl.zeros((BLOCK_V,), tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
@@ -55,6 +60,10 @@ def _tile_scores(U, X, rows, cols, row_mask, col_mask, D, stride_un, stride_ud, 
             xf = x.to(tl.float32)
             sumsq += tl.sum(xf * xf, axis=1)
         acc = _mma(u, tl.trans(x), acc, DOT_F32)
+        if SPLIT_U:
+            u_lo = tl.load(U_LO + rows[:, None] * stride_un + dd[None, :] * stride_ud,
+                           mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            acc = _mma(u_lo, tl.trans(x), acc, DOT_F32)
     if NORMALIZE:
         item_scale = scale / tl.maximum(tl.sqrt(sumsq), 1e-12)
     else:
@@ -84,12 +93,12 @@ def _score_keys(s, cols, valid):
 
 @triton.jit
 def _catalog_fwd_kernel(
-    U, X, TGT, TSCORE, EXCL, PART_M, PART_L, PART_CNT, PART_KEYS,
+    U, U_LO, X, TGT, TSCORE, EXCL, PART_M, PART_L, PART_CNT, PART_KEYS,
     N, V, D, L, tiles_per_split, scale, empty_key,
     stride_un, stride_ud, stride_xv, stride_xd, stride_en, stride_el,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_EXCL: tl.constexpr, TOPK: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    SPLIT_U: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -109,9 +118,9 @@ def _catalog_fwd_kernel(
     for it in range(0, tiles_per_split):
         cols = v_begin + it * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        s, _ = _tile_scores(U, X, rows, cols, row_mask, col_mask, D, stride_un, stride_ud,
-                            stride_xv, stride_xd, scale, BLOCK_N, BLOCK_V, BLOCK_D, NORMALIZE,
-                            DOT_F32)
+        s, _ = _tile_scores(U, U_LO, X, rows, cols, row_mask, col_mask, D, stride_un,
+                            stride_ud, stride_xv, stride_xd, scale, BLOCK_N, BLOCK_V, BLOCK_D,
+                            NORMALIZE, SPLIT_U, DOT_F32)
         valid = _valid_mask(EXCL, rows, cols, row_mask, col_mask, L, stride_en, stride_el,
                             HAS_EXCL)
         s_valid = tl.where(valid, s, float("-inf"))
@@ -160,11 +169,12 @@ def _catalog_merge_kernel(PART_M, PART_L, PART_CNT, LSE, COUNT, N, num_splits,
 
 @triton.jit
 def _catalog_bwd_user_kernel(
-    U, X, TGT, LSE, G, EXCL, PART_GU,
+    U, U_LO, X, TGT, LSE, G, EXCL, PART_GU,
     N, V, D, L, tiles_per_split, scale,
     stride_un, stride_ud, stride_xv, stride_xd, stride_en, stride_el,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    NORMALIZE: tl.constexpr, HAS_EXCL: tl.constexpr, DOT_F32: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_EXCL: tl.constexpr, SPLIT_U: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     """PART_GU[split, n] = sum over the split of g[n] * (1[v = tgt] - p[n, v]) * x_hat[v]."""
     pid_n = tl.program_id(0)
@@ -180,9 +190,9 @@ def _catalog_bwd_user_kernel(
     for it in range(0, tiles_per_split):
         cols = v_begin + it * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        s, item_scale = _tile_scores(U, X, rows, cols, row_mask, col_mask, D, stride_un,
-                                     stride_ud, stride_xv, stride_xd, scale, BLOCK_N, BLOCK_V,
-                                     BLOCK_D, NORMALIZE, DOT_F32)
+        s, item_scale = _tile_scores(U, U_LO, X, rows, cols, row_mask, col_mask, D,
+                                     stride_un, stride_ud, stride_xv, stride_xd, scale, BLOCK_N,
+                                     BLOCK_V, BLOCK_D, NORMALIZE, SPLIT_U, DOT_F32)
         valid = _valid_mask(EXCL, rows, cols, row_mask, col_mask, L, stride_en, stride_el,
                             HAS_EXCL)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
@@ -201,11 +211,11 @@ def _catalog_bwd_user_kernel(
 
 @triton.jit
 def _catalog_bwd_items_kernel(
-    U, X, TGT, LSE, G, EXCL, GX,
+    U, U_LO, X, TGT, LSE, G, EXCL, GX,
     N, V, D, L, scale,
     stride_un, stride_ud, stride_xv, stride_xd, stride_en, stride_el,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_EXCL: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_EXCL: tl.constexpr, SPLIT_U: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """GX[v] = sum over all rows n of g[n] * (1[v = tgt[n]] - p[n, v]) * scale * u[n]."""
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -218,9 +228,9 @@ def _catalog_bwd_items_kernel(
         tgt = tl.load(TGT + rows, mask=row_mask, other=-1)
         lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
         g = tl.load(G + rows, mask=row_mask, other=0.0)
-        s, _ = _tile_scores(U, X, rows, cols, row_mask, col_mask, D, stride_un, stride_ud,
-                            stride_xv, stride_xd, scale, BLOCK_N, BLOCK_V, BLOCK_D, False,
-                            DOT_F32)
+        s, _ = _tile_scores(U, U_LO, X, rows, cols, row_mask, col_mask, D, stride_un,
+                            stride_ud, stride_xv, stride_xd, scale, BLOCK_N, BLOCK_V, BLOCK_D,
+                            False, SPLIT_U, DOT_F32)
         valid = _valid_mask(EXCL, rows, cols, row_mask, col_mask, L, stride_en, stride_el,
                             HAS_EXCL)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
@@ -233,10 +243,19 @@ def _catalog_bwd_items_kernel(
             o_mask = col_mask[:, None] & d_mask[None, :]
             acc = tl.load(out_base + dd[None, :], mask=o_mask, other=0.0)
             acc = _mma(tl.trans(coef.to(u.dtype)), u, acc, DOT_F32)
+            if SPLIT_U:
+                u_lo = tl.load(U_LO + rows[:, None] * stride_un + dd[None, :] * stride_ud,
+                               mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                acc = _mma(tl.trans(coef.to(u_lo.dtype)), u_lo, acc, DOT_F32)
             tl.store(out_base + dd[None, :], acc, mask=o_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Allocation of every buffer a kernel must fully write (tests poison it through here)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _interpreting() -> bool:
@@ -251,11 +270,20 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few splits, so the merge path is always exercised
 
 
+def _split_user(user, items):
+    """(hi, lo, split): user rows in the table's dtype, plus the rounding residue when the user
+    side is fp32 against a 16-bit table (see _tile_scores)."""
+    if user.dtype == items.dtype:
+        return user, user, False
+    if user.dtype != torch.float32 or items.dtype == torch.float32:
+        raise ValueError(f"user dtype {user.dtype} must be the table's ({items.dtype}) or fp32")
+    hi = user.to(items.dtype)
+    return hi, (user - hi.float()).to(items.dtype), True
+
+
 def _check_operands(user, items, target, exclude):
     if user.dim() != 2 or items.dim() != 2 or user.shape[1] != items.shape[1]:
         raise ValueError(f"user {tuple(user.shape)} and items {tuple(items.shape)} must be [N, d] and [V, d]")
-    if user.dtype != items.dtype:
-        raise ValueError(f"user dtype {user.dtype} must equal items dtype {items.dtype} (cast in the op)")
     if target.shape != (user.shape[0],) or target.dtype != torch.int64:
         raise ValueError("target must be int64 [N]")
     if exclude is not None and (exclude.dim() != 2 or exclude.shape[0] != user.shape[0]
@@ -270,7 +298,7 @@ def _blocks(n_rows: int, d: int, dtype: torch.dtype, topk_pad: int):
     block_d = min(block_d, max(16, triton.next_power_of_2(d)))
     block_v = topk_pad if topk_pad else 128
     if _interpreting():
-        block_n, block_v, block_d = min(block_n, 16), (topk_pad or 32), min(block_d, 32)
+        block_n, block_v, block_d = min(block_n, 16), (topk_pad or 32), min(block_d, 64)
     return block_n, block_v, block_d, dot_f32
 
 
@@ -286,7 +314,7 @@ def catalog_forward(user, items, target, target_score, exclude, scale: float, no
                     topk: int = 0):
     """lse [N] fp32, count-above [N] int64 and, when topk > 0, int64 keys [N, splits * topk_pad].
 
-    `user` [N, d] is normalised already and has `items`' dtype; `target_score` [N] fp32 is the
+    `user` [N, d] is normalised already, in `items`' dtype or fp32; `target_score` [N] fp32 is the
     target's score (-inf where it is dropped); `exclude` is int64 [N, L] or None, with the ids
     that must stay in the catalog already replaced by -1.
     """
@@ -298,22 +326,23 @@ def catalog_forward(user, items, target, target_score, exclude, scale: float, no
     n_blocks = triton.cdiv(n_rows, block_n)
     splits, tiles_per_split = _splits(n_blocks, triton.cdiv(n_items, block_v), user.device)
     dev = user.device
-    part_m = torch.empty(splits, n_rows, device=dev, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
-    part_cnt = torch.empty(splits, n_rows, device=dev, dtype=torch.int32)
-    part_keys = torch.empty(n_rows, splits, max(topk_pad, 1), device=dev, dtype=torch.int64)
+    part_m = _empty((splits, n_rows), torch.float32, dev)
+    part_l = _empty((splits, n_rows), torch.float32, dev)
+    part_cnt = _empty((splits, n_rows), torch.int32, dev)
+    part_keys = _empty((n_rows, splits, max(topk_pad, 1)), torch.int64, dev)
     excl = exclude if exclude is not None else target.view(-1, 1)  # never read when absent
+    user, user_lo, split_u = _split_user(user, items)
     _catalog_fwd_kernel[(n_blocks, splits)](
-        user, items, target, target_score, excl, part_m, part_l, part_cnt, part_keys,
+        user, user_lo, items, target, target_score, excl, part_m, part_l, part_cnt, part_keys,
         n_rows, n_items, d, excl.shape[1], tiles_per_split, scale, EMPTY_KEY,
         user.stride(0), user.stride(1), items.stride(0), items.stride(1),
         excl.stride(0), excl.stride(1),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, NORMALIZE=normalize,
-        HAS_EXCL=exclude is not None, TOPK=topk_pad, DOT_F32=dot_f32,
+        HAS_EXCL=exclude is not None, TOPK=topk_pad, SPLIT_U=split_u, DOT_F32=dot_f32,
         num_warps=8 if topk_pad >= 128 else 4,
     )
-    lse = torch.empty(n_rows, device=dev, dtype=torch.float32)
-    count = torch.empty(n_rows, device=dev, dtype=torch.int64)
+    lse = _empty((n_rows,), torch.float32, dev)
+    count = _empty((n_rows,), torch.int64, dev)
     merge_block = 128
     _catalog_merge_kernel[(triton.cdiv(n_rows, merge_block),)](
         part_m, part_l, part_cnt, lse, count, n_rows, splits, BLOCK=merge_block)
@@ -330,6 +359,7 @@ def catalog_backward(user, items, target, lse, grad, exclude, scale: float,
     n_items = items.shape[0]
     block_n, block_v, block_d, dot_f32 = _blocks(n_rows, d, items.dtype, 0)
     excl = exclude if exclude is not None else target.view(-1, 1)
+    user, user_lo, split_u = _split_user(user, items)
     common = (user.stride(0), user.stride(1), items.stride(0), items.stride(1),
               excl.stride(0), excl.stride(1))
     grad_user = grad_items = None
@@ -338,18 +368,18 @@ def catalog_backward(user, items, target, lse, grad, exclude, scale: float,
         splits, tiles_per_split = _splits(n_blocks, triton.cdiv(n_items, block_v), user.device)
         part = torch.zeros(splits, n_rows, d, device=user.device, dtype=torch.float32)
         _catalog_bwd_user_kernel[(n_blocks, splits)](
-            user, items, target, lse, grad, excl, part,
+            user, user_lo, items, target, lse, grad, excl, part,
             n_rows, n_items, d, excl.shape[1], tiles_per_split, scale, *common,
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, NORMALIZE=normalize,
-            HAS_EXCL=exclude is not None, DOT_F32=dot_f32)
+            HAS_EXCL=exclude is not None, SPLIT_U=split_u, DOT_F32=dot_f32)
         grad_user = part.sum(0)  # fixed-order reduction over splits: deterministic
     if need_items:
         if normalize:
             raise ValueError("item gradients need pre-normalised items (normalize=False)")
         grad_items = torch.zeros(n_items, d, device=user.device, dtype=torch.float32)
         _catalog_bwd_items_kernel[(triton.cdiv(n_items, block_v),)](
-            user, items, target, lse, grad, excl, grad_items,
+            user, user_lo, items, target, lse, grad, excl, grad_items,
             n_rows, n_items, d, excl.shape[1], scale, *common,
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-            HAS_EXCL=exclude is not None, DOT_F32=dot_f32)
+            HAS_EXCL=exclude is not None, SPLIT_U=split_u, DOT_F32=dot_f32)
     return grad_user, grad_items

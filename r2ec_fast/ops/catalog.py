@@ -134,6 +134,14 @@ def _normalize_user(call: _Call) -> torch.Tensor:
     return F.normalize(u, dim=-1, eps=EPS) if call.cosine else u
 
 
+def _operand_dtype(user_dtype: torch.dtype, items_dtype: torch.dtype) -> torch.dtype:
+    """The user side's dtype in the streaming pass: the table's, except that an fp32 user
+    against a 16-bit table stays fp32 (the kernels split it into two 16-bit parts)."""
+    if user_dtype == torch.float32 and items_dtype != torch.float32:
+        return torch.float32
+    return items_dtype
+
+
 def _target_score(u_k: torch.Tensor, items: torch.Tensor, target: torch.Tensor, scale: float,
                   normalize: bool) -> torch.Tensor:
     """[N] fp32 target scores from the same operands the streaming pass multiplies."""
@@ -363,7 +371,7 @@ def score_catalog(user_h, items, target=None, exclude=None, temperature=0.02,
         out.lse = out.lse.float()
         return out
     normalize = call.cosine and not call.items_normalized
-    u_k = _normalize_user(call).to(call.items.dtype)  # the operand the kernels multiply
+    u_k = _normalize_user(call).to(_operand_dtype(user_h.dtype, call.items.dtype))
     n_rows = u_k.shape[0]
     if call.target is not None:
         tgt = call.target
@@ -386,8 +394,8 @@ def score_catalog(user_h, items, target=None, exclude=None, temperature=0.02,
 
 class _CatalogLogProb(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u_hat, items, target, exclude, scale, normalize, backend):
-        u_k = u_hat.detach().to(items.dtype)
+    def forward(ctx, u_hat, items, target, exclude, scale, normalize, backend, operand_dtype):
+        u_k = u_hat.detach().to(operand_dtype)
         t = _target_score(u_k, items.detach(), target, scale, normalize)
         lse, _, _ = _FORWARD[backend](u_k, items.detach(), target, t, exclude, scale, normalize, 0)
         ctx.save_for_backward(u_k, items, target, lse, exclude)
@@ -403,7 +411,7 @@ class _CatalogLogProb(torch.autograd.Function):
             ctx.normalize, need_u, need_x)
         if grad_x is not None:
             grad_x = grad_x.to(items.dtype)
-        return grad_u, grad_x, None, None, None, None, None
+        return grad_u, grad_x, None, None, None, None, None, None
 
 
 def catalog_log_prob(user_h, items, target, exclude=None, temperature=0.02, similarity="cosine",
@@ -424,7 +432,7 @@ def catalog_log_prob(user_h, items, target, exclude=None, temperature=0.02, simi
         x = F.normalize(x.float(), dim=-1, eps=EPS).to(x.dtype)
         normalize = False
     return _CatalogLogProb.apply(_normalize_user(call), x, call.target, call.exclude, call.scale,
-                                 normalize, backend)
+                                 normalize, backend, _operand_dtype(user_h.dtype, x.dtype))
 
 
 def in_batch_log_prob(user_h, item_h, labels, temperature=0.02, similarity="cosine"):
