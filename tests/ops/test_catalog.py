@@ -45,11 +45,23 @@ def ref_scores64(user, items, exclude, target, temperature=0.02, similarity="cos
     if similarity == "cosine":
         u, x = torch.nn.functional.normalize(u, dim=-1), torch.nn.functional.normalize(x, dim=-1)
     s = u @ x.T / temperature
-    for n in range(s.shape[0]):
-        for e in exclude[n].tolist():
-            if e >= 0 and (mask_target or e != int(target[n])):
-                s[n, e] = float("-inf")
+    ex = exclude.clone()
+    if not mask_target:
+        ex[ex == target[:, None]] = -1
+    rows = torch.arange(ex.shape[0])[:, None].expand_as(ex)
+    s[rows[ex >= 0], ex[ex >= 0]] = float("-inf")
     return s
+
+
+def assert_ranks_up_to_near_ties(out, ref, s64, min_clear_rows=0.0):
+    """Ranks equal the float64 ones except where another item's float64 score lies within the
+    measured target-score error of the target's; there they may differ by that many items."""
+    err = 4 * (out.target_score.double().cpu() - ref.target_score).abs().max().item() + 1e-9
+    near = ((s64 - ref.target_score[:, None]).abs() <= err).sum(1) - 1  # minus the target
+    diff = (out.rank.cpu() - ref.rank).abs()
+    assert (diff <= near).all(), f"{out.rank.tolist()} vs {ref.rank.tolist()} near {near.tolist()}"
+    assert (diff[near == 0] == 0).all()
+    assert (near == 0).float().mean() >= min_clear_rows  # the check must bite
 
 
 def _score_and_ref(backend, case, **kw):
@@ -75,12 +87,7 @@ def test_forward_matches_float64(backend, shape, dtypes):
     assert_three_way(out.lse, ref.lse, plain.lse, "lse", tol=tol)
     assert_three_way(out.target_score, ref.target_score, plain.target_score, "target", tol=tol)
     s64 = ref_scores64(*case[:2], case[3], case[2])
-    err = 4 * (out.target_score.double() - ref.target_score).abs().max().item() + 1e-9
-    t = ref.target_score[:, None]
-    near = ((s64 - t).abs() <= err).sum(1) - 1
-    diff = (out.rank - ref.rank).abs()
-    assert (diff <= near).all(), f"{out.rank.tolist()} vs {ref.rank.tolist()} near {near.tolist()}"
-    assert (diff[near == 0] == 0).all()
+    assert_ranks_up_to_near_ties(out, ref, s64, 0.5 if dtypes == (F32, F32) else 0.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -418,7 +425,7 @@ def test_gpu_triton_matches_torch_and_float64(dtype):
     tol = TOLERANCE[dtype]
     assert_three_way(tri.lse.cpu(), ref.lse, plain.lse, "lse", tol=tol)
     assert_three_way(tri.target_score.cpu(), ref.target_score, plain.target_score, "t", tol=tol)
-    assert (tri.rank.cpu() - ref.rank).abs().float().mean() < 1.0
+    assert_ranks_up_to_near_ties(tri, ref, ref_scores64(user, items, exclude, target))
     assert (tri.topk_ids.cpu() == ref.topk_ids).float().mean() > 0.95
     assert rel_error(tri.lse, tor.lse) < tol
     u = args[0].clone().requires_grad_()
