@@ -1,0 +1,54 @@
+"""Packaging contract (DESIGN §2): layout, kernels mapped into the package, dependencies."""
+import pathlib
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
+
+
+def test_kernels_only_under_the_package(tmp_path):
+    ok = run_python("import r2ec_fast.kernels.catalog as k; print(k.__name__)", tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == "r2ec_fast.kernels.catalog"
+    outside = run_python("import kernels", tmp_path)  # installed: the bare name does not exist
+    assert outside.returncode != 0 and "ModuleNotFoundError" in outside.stderr
+    inside = run_python("import kernels", ROOT)  # from the checkout: refused with a pointer
+    assert inside.returncode != 0 and "r2ec_fast.kernels" in inside.stderr
+
+
+def test_layers_exist():
+    for sub in ("ops", "data", "model", "rollout", "train", "eval", "compat"):
+        assert (ROOT / "r2ec_fast" / sub / "__init__.py").is_file(), sub
+    assert (ROOT / "csrc" / "README.md").is_file()
+    assert (ROOT / "benchmarks" / "gpu_suite.sh").is_file()
+
+
+def test_dependency_ranges():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = " ".join(meta["dependencies"])
+    assert "torch>=2.11" in deps and "triton>=3.6" in deps
+    extras = meta["optional-dependencies"]
+    assert {"test", "bench", "gpu"} <= set(extras)
+    assert any("liger-kernel" in e for e in extras["bench"])
+    assert any("cut-cross-entropy" in e for e in extras["bench"])
+    assert {"flash-attn", "bitsandbytes", "liger-kernel"} <= {e.split("[")[0] for e in extras["gpu"]}
+    assert meta["scripts"]["r2ec-fast"] == "r2ec_fast.cli:main"
+
+
+def test_console_script_help(tmp_path):
+    out = run_python("from r2ec_fast.cli import main; main(['--help'])", tmp_path)
+    assert out.returncode == 0 and "bench" in out.stdout
+
+
+@pytest.mark.parametrize("script", ["setup_env.sh", "run_tests.sh", "run_main.sh"])
+def test_scripts_are_strict_bash(script):
+    text = (ROOT / "scripts" / script).read_text()
+    assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)]).returncode == 0
