@@ -27,6 +27,9 @@ def main():
     ap.add_argument("--n", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--v", type=int, default=1_000_000)
     ap.add_argument("--d", type=int, default=2304)
+    ap.add_argument("--focused", action="store_true",
+                    help="only the candidate configs, each with raw rows / a pre-normalised "
+                         "table and with / without exclusion")
     args = ap.parse_args()
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw:.0f} GB/s")
@@ -51,19 +54,27 @@ def main():
         call = _prepare(user, items, target, exclude, 0.02, "cosine", 0, False)
         u = torch.nn.functional.normalize(user.float(), dim=-1).to(items.dtype)
         t = torch.zeros(n, device="cuda")
-        for bn, bv, bd, nw, ns in itertools.product([64] if n <= 64 else [64, 128], [64, 128, 256],
-                                                    [64, 128], [4, 8], [3, 4]):
-            if bn * bv > 128 * 128:
-                continue
+        if args.focused:
+            grid = [(64, 64, 128, 4, 4), (64, 64, 256, 4, 3), (64, 64, 64, 4, 6),
+                    (64, 128, 128, 8, 3), (32, 64, 128, 4, 4)] if n <= 64 else [
+                    (128, 128, 64, 4, 3), (128, 128, 64, 4, 4), (128, 64, 128, 4, 4),
+                    (128, 128, 128, 8, 3)]
+            variants = [(True, True), (False, True), (True, False), (False, False)]
+        else:
+            grid = [c for c in itertools.product([64] if n <= 64 else [64, 128], [64, 128, 256],
+                                                 [64, 128], [4, 8], [3, 4]) if c[0] * c[1] <= 128 * 128]
+            variants = [(True, True)]
+        for (bn, bv, bd, nw, ns), (normalize, with_excl) in itertools.product(grid, variants):
             cfg = dict(block_n=bn, block_v=bv, block_d=bd, num_warps=nw, num_stages=ns)
+            excl = call.exclude if with_excl else None
             try:
-                ms = do_bench(lambda: kern.catalog_forward(u, items, call.target, t, call.exclude,
-                                                           50.0, True, 0, cfg),
+                ms = do_bench(lambda: kern.catalog_forward(u, items, call.target, t, excl,
+                                                           50.0, normalize, 0, cfg),
                               warmup=5, rep=30, return_mode="median")
             except Exception as e:  # out of shared memory etc.
                 print(f"  {cfg}: failed ({type(e).__name__})")
                 continue
-            rows.append((f"kernel {cfg}", ms))
+            rows.append((f"kernel {cfg} normalize={normalize} exclude={with_excl}", ms))
         print(f"\nN={n} d={args.d} V={args.v} bf16, table {table_gb:.2f} GB")
         for name, ms in sorted(rows, key=lambda r: r[1]):
             gbs = table_gb / ms * 1e3
