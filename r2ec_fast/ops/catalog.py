@@ -74,9 +74,10 @@ class _Call:
 def _check_ids(name: str, ids: torch.Tensor, low: int, high: int) -> None:
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer ids, got {ids.dtype}")
-    if ids.numel() and (int(ids.min()) < low or int(ids.max()) >= high):
-        raise ValueError(f"{name} has ids outside [{low}, {high}): min {int(ids.min())}, "
-                         f"max {int(ids.max())}")
+    if ids.numel():
+        lo, hi = torch.stack([ids.min(), ids.max()]).tolist()  # one host sync
+        if lo < low or hi >= high:
+            raise ValueError(f"{name} has ids outside [{low}, {high}): min {lo}, max {hi}")
 
 
 def _prepare(user_h, items, target, exclude, temperature, similarity, topk,
