@@ -72,14 +72,34 @@ def _tile_scores(U, U_LO, X, rows, cols, row_mask, col_mask, D, stride_un, strid
 
 
 @triton.jit
-def _valid_mask(EXCL, rows, cols, row_mask, col_mask, L, stride_en, stride_el,
-                HAS_EXCL: tl.constexpr):
+def _load_exclusions(EXCL, rows, row_mask, L, stride_en, stride_el, HAS_EXCL: tl.constexpr,
+                     EXCL_PAD: tl.constexpr):
+    """[BLOCK_N, EXCL_PAD] excluded ids held in registers for the per-tile skip test."""
+    if HAS_EXCL and EXCL_PAD > 0:
+        j = tl.arange(0, EXCL_PAD)
+        return tl.load(EXCL + rows[:, None] * stride_en + j[None, :] * stride_el,
+                       mask=row_mask[:, None] & (j[None, :] < L), other=-1)
+    else:
+        return tl.full((1, 1), -1, tl.int64)
+
+
+@triton.jit
+def _valid_mask(EXCL, ex_block, rows, cols, v0, row_mask, col_mask, L, stride_en, stride_el,
+                BLOCK_V: tl.constexpr, HAS_EXCL: tl.constexpr, EXCL_PAD: tl.constexpr):
     valid = row_mask[:, None] & col_mask[None, :]
     if HAS_EXCL:
-        # L compares per tile instead of an N x |V| mask; -1 pads never match.
-        for j in range(0, L):
-            ex = tl.load(EXCL + rows * stride_en + j * stride_el, mask=row_mask, other=-1)
-            valid = valid & (cols[None, :] != ex[:, None])
+        # Most tiles hold none of the block's excluded ids (20 per row against 1e6 items): test
+        # that on the ids in registers and skip the masking. Masking every tile cost 2.9 ms
+        # against 1.7 ms without exclusion at N = 64, d = 2304, |V| = 1e6 on an H100.
+        if EXCL_PAD > 0:
+            inside = (ex_block >= v0) & (ex_block < v0 + BLOCK_V)
+            hit = tl.sum(inside.to(tl.int32)) > 0
+        else:
+            hit = True
+        if hit:  # L compares per tile instead of an N x |V| mask; -1 pads never match
+            for j in range(0, L):
+                ex = tl.load(EXCL + rows * stride_en + j * stride_el, mask=row_mask, other=-1)
+                valid = valid & (cols[None, :] != ex[:, None])
     return valid
 
 
@@ -97,8 +117,8 @@ def _catalog_fwd_kernel(
     N, V, D, L, tiles_per_split, scale, empty_key,
     stride_un, stride_ud, stride_xv, stride_xd, stride_en, stride_el,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    NORMALIZE: tl.constexpr, HAS_EXCL: tl.constexpr, TOPK: tl.constexpr,
-    SPLIT_U: tl.constexpr, DOT_F32: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_EXCL: tl.constexpr, EXCL_PAD: tl.constexpr,
+    TOPK: tl.constexpr, SPLIT_U: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -114,15 +134,18 @@ def _catalog_fwd_kernel(
     count = tl.zeros((BLOCK_N,), tl.int32)
     if TOPK > 0:
         best = tl.full((BLOCK_N, TOPK), empty_key, tl.int64)
+    ex_block = _load_exclusions(EXCL, rows, row_mask, L, stride_en, stride_el, HAS_EXCL,
+                                EXCL_PAD)
     v_begin = pid_s * tiles_per_split * BLOCK_V
     for it in range(0, tiles_per_split):
-        cols = v_begin + it * BLOCK_V + tl.arange(0, BLOCK_V)
+        v0 = v_begin + it * BLOCK_V
+        cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         s, _ = _tile_scores(U, U_LO, X, rows, cols, row_mask, col_mask, D, stride_un,
                             stride_ud, stride_xv, stride_xd, scale, BLOCK_N, BLOCK_V, BLOCK_D,
                             NORMALIZE, SPLIT_U, DOT_F32)
-        valid = _valid_mask(EXCL, rows, cols, row_mask, col_mask, L, stride_en, stride_el,
-                            HAS_EXCL)
+        valid = _valid_mask(EXCL, ex_block, rows, cols, v0, row_mask, col_mask, L, stride_en,
+                            stride_el, BLOCK_V, HAS_EXCL, EXCL_PAD)
         s_valid = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s_valid, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -173,8 +196,8 @@ def _catalog_bwd_user_kernel(
     N, V, D, L, tiles_per_split, scale,
     stride_un, stride_ud, stride_xv, stride_xd, stride_en, stride_el,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    NORMALIZE: tl.constexpr, HAS_EXCL: tl.constexpr, SPLIT_U: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_EXCL: tl.constexpr, EXCL_PAD: tl.constexpr,
+    SPLIT_U: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """PART_GU[split, n] = sum over the split of g[n] * (1[v = tgt] - p[n, v]) * x_hat[v]."""
     pid_n = tl.program_id(0)
@@ -186,15 +209,18 @@ def _catalog_bwd_user_kernel(
     g = tl.load(G + rows, mask=row_mask, other=0.0)
     offs_d = tl.arange(0, BLOCK_D)
     out_base = PART_GU + (pid_s * N + rows[:, None]) * D
+    ex_block = _load_exclusions(EXCL, rows, row_mask, L, stride_en, stride_el, HAS_EXCL,
+                                EXCL_PAD)
     v_begin = pid_s * tiles_per_split * BLOCK_V
     for it in range(0, tiles_per_split):
-        cols = v_begin + it * BLOCK_V + tl.arange(0, BLOCK_V)
+        v0 = v_begin + it * BLOCK_V
+        cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         s, item_scale = _tile_scores(U, U_LO, X, rows, cols, row_mask, col_mask, D,
                                      stride_un, stride_ud, stride_xv, stride_xd, scale, BLOCK_N,
                                      BLOCK_V, BLOCK_D, NORMALIZE, SPLIT_U, DOT_F32)
-        valid = _valid_mask(EXCL, rows, cols, row_mask, col_mask, L, stride_en, stride_el,
-                            HAS_EXCL)
+        valid = _valid_mask(EXCL, ex_block, rows, cols, v0, row_mask, col_mask, L, stride_en,
+                            stride_el, BLOCK_V, HAS_EXCL, EXCL_PAD)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         coef = (cols[None, :] == tgt[:, None]).to(tl.float32) - p
         coef = coef * g[:, None] * item_scale[None, :]
@@ -215,10 +241,12 @@ def _catalog_bwd_items_kernel(
     N, V, D, L, scale,
     stride_un, stride_ud, stride_xv, stride_xd, stride_en, stride_el,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_EXCL: tl.constexpr, SPLIT_U: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_EXCL: tl.constexpr, EXCL_PAD: tl.constexpr, SPLIT_U: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     """GX[v] = sum over all rows n of g[n] * (1[v = tgt[n]] - p[n, v]) * scale * u[n]."""
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    v0 = tl.program_id(0) * BLOCK_V
+    cols = v0 + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     offs_d = tl.arange(0, BLOCK_D)
     out_base = GX + cols[:, None] * D
@@ -228,11 +256,13 @@ def _catalog_bwd_items_kernel(
         tgt = tl.load(TGT + rows, mask=row_mask, other=-1)
         lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
         g = tl.load(G + rows, mask=row_mask, other=0.0)
+        ex_block = _load_exclusions(EXCL, rows, row_mask, L, stride_en, stride_el, HAS_EXCL,
+                                    EXCL_PAD)
         s, _ = _tile_scores(U, U_LO, X, rows, cols, row_mask, col_mask, D, stride_un,
                             stride_ud, stride_xv, stride_xd, scale, BLOCK_N, BLOCK_V, BLOCK_D,
                             False, SPLIT_U, DOT_F32)
-        valid = _valid_mask(EXCL, rows, cols, row_mask, col_mask, L, stride_en, stride_el,
-                            HAS_EXCL)
+        valid = _valid_mask(EXCL, ex_block, rows, cols, v0, row_mask, col_mask, L, stride_en,
+                            stride_el, BLOCK_V, HAS_EXCL, EXCL_PAD)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         coef = ((cols[None, :] == tgt[:, None]).to(tl.float32) - p) * (g * scale)[:, None]
         for d0 in range(0, D, BLOCK_D):
@@ -279,6 +309,12 @@ def _split_user(user, items):
         raise ValueError(f"user dtype {user.dtype} must be the table's ({items.dtype}) or fp32")
     hi = user.to(items.dtype)
     return hi, (user - hi.float()).to(items.dtype), True
+
+
+def _excl_pad(excl: torch.Tensor) -> int:
+    """Width of the in-register exclusion block; 0 (mask every tile) past 64 ids per row."""
+    pad = triton.next_power_of_2(max(1, excl.shape[1]))
+    return pad if pad <= 64 else 0
 
 
 def _check_operands(user, items, target, exclude):
@@ -355,7 +391,8 @@ def catalog_forward(user, items, target, target_score, exclude, scale: float, no
         user.stride(0), user.stride(1), items.stride(0), items.stride(1),
         excl.stride(0), excl.stride(1),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, NORMALIZE=normalize,
-        HAS_EXCL=exclude is not None, TOPK=topk_pad, SPLIT_U=split_u, DOT_F32=dot_f32,
+        HAS_EXCL=exclude is not None, EXCL_PAD=_excl_pad(excl), TOPK=topk_pad,
+        SPLIT_U=split_u, DOT_F32=dot_f32,
         **launch,
     )
     lse = _empty((n_rows,), torch.float32, dev)
@@ -388,7 +425,8 @@ def catalog_backward(user, items, target, lse, grad, exclude, scale: float,
             user, user_lo, items, target, lse, grad, excl, part,
             n_rows, n_items, d, excl.shape[1], tiles_per_split, scale, *common,
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, NORMALIZE=normalize,
-            HAS_EXCL=exclude is not None, SPLIT_U=split_u, DOT_F32=dot_f32, **launch)
+            HAS_EXCL=exclude is not None, EXCL_PAD=_excl_pad(excl), SPLIT_U=split_u,
+            DOT_F32=dot_f32, **launch)
         grad_user = part.sum(0)  # fixed-order reduction over splits: deterministic
     if need_items:
         if normalize:
@@ -398,5 +436,6 @@ def catalog_backward(user, items, target, lse, grad, exclude, scale: float,
             user, user_lo, items, target, lse, grad, excl, grad_items,
             n_rows, n_items, d, excl.shape[1], scale, *common,
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-            HAS_EXCL=exclude is not None, SPLIT_U=split_u, DOT_F32=dot_f32, **launch)
+            HAS_EXCL=exclude is not None, EXCL_PAD=_excl_pad(excl), SPLIT_U=split_u,
+            DOT_F32=dot_f32, **launch)
     return grad_user, grad_items
