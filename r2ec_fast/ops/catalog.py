@@ -205,14 +205,22 @@ def _torch_forward(u_k, items, target, t, exclude, scale, normalize, topk):
     chunk = _chunk_size(n_rows, d, u_k.device)
     for a in range(0, items.shape[0], chunk):
         b = min(a + chunk, items.shape[0])
-        s, _, _ = _chunk_scores(u32, items, a, b, scale, normalize, exclude)
+        s, _, _ = _chunk_scores(u32, items, a, b, scale, normalize, exclude)  # [N, c]
         ids = torch.arange(a, b, device=u_k.device)
-        lse = torch.logaddexp(lse, torch.logsumexp(s, dim=1))
-        above = (s > t_col) | ((s == t_tie) & (ids < tgt))
-        count += (above & (ids != tgt)).sum(1)
+        # one [N, c] bool temporary at a time: above, then ties with a smaller id, then take
+        # back the target's own column (its streamed score may round above `t`)
+        count += (s > t_col).sum(1)
+        count += ((s == t_tie) & (ids < tgt)).sum(1)
+        inside = (target >= a) & (target < b)
+        own = s.gather(1, torch.where(inside, target - a, 0)[:, None])[:, 0]
+        count -= (inside & (own > t)).to(torch.int64)
         if topk:
             keys = score_keys(s, ids)
             best = torch.topk(torch.cat([best, keys], 1), topk, dim=1, sorted=True).values
+        # log-sum-exp in place on s (last use): no second [N, c] buffer
+        m = s.amax(dim=1)
+        m = torch.where(m == float("-inf"), 0.0, m)  # all excluded: exp(-inf) = 0, not NaN
+        lse = torch.logaddexp(lse, m + s.sub_(m[:, None]).exp_().sum(1).log())
     return lse, count, (best if topk else None)
 
 
