@@ -23,10 +23,12 @@ from r2ec_fast.ops.item_table import SIMILARITIES, ItemTable
 
 MAX_TOPK = 256
 EPS = 1e-12  # F.normalize's: a zero row scores 0, not NaN
-# scores chunk of the torch backend: 2^21 fp32 elements (8 MiB), also the bound on chunk x d;
-# on CUDA 16x that, where launch overhead, not cache, decides (~1,100 chunks took 575 ms at
-# N = 64, d = 2304, |V| = 1e6 on an H100)
-CHUNK_ELEMS = 1 << 21
+# scores chunk of the torch backend: 2^20 fp32 elements (4 MiB), also the bound on chunk x d.
+# With 2^21 the first call at N = 256, d = 128, |V| = 1e6 peaked 82 MiB above its inputs on this
+# CPU (allocator reuse and library start-up on top of ~3 chunk-sized buffers); with 2^20, 58 MiB.
+# On CUDA 16x that, where launch overhead, not cache, decides (chunks of 910 items took 575 ms
+# at N = 64, d = 2304, |V| = 1e6 on an H100)
+CHUNK_ELEMS = 1 << 20
 CUDA_CHUNK_FACTOR = 16
 EMPTY_KEY = ((0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)) << 32  # (score -inf, id 2^32 - 1)
 
