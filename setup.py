@@ -9,8 +9,10 @@ import os
 
 from setuptools import find_packages, setup
 
-packages = ["r2ec_fast"] + [f"r2ec_fast.{p}" for p in find_packages("r2ec_fast")] + ["r2ec_fast.kernels"]
-package_dir = {"r2ec_fast": "r2ec_fast", "r2ec_fast.kernels": "kernels"}
+packages = (["r2ec_fast"] + [f"r2ec_fast.{p}" for p in find_packages("r2ec_fast")]
+            + ["r2ec_fast.kernels", "r2ec_fast.benchmarks"])
+package_dir = {"r2ec_fast": "r2ec_fast", "r2ec_fast.kernels": "kernels",
+               "r2ec_fast.benchmarks": "benchmarks"}
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("R2EC_BUILD_CUDA") == "1":

@@ -9,3 +9,10 @@ if __name__ != "r2ec_fast.benchmarks":
         "the r2ec-fast benchmarks are installed as `r2ec_fast.benchmarks`; import them under "
         "that name (or run `r2ec-fast bench`), not as a bare `benchmarks`."
     )
+
+
+def available_ops() -> list[str]:
+    """Ops with a benchmark script (`bench_<op>.py`); cheap: imports nothing."""
+    from pathlib import Path
+
+    return sorted(p.stem[len("bench_"):] for p in Path(__file__).parent.glob("bench_*.py"))

@@ -9,6 +9,9 @@ its split in BLOCK_V tiles and writes partial (max, sum-exp, count-above[, top-k
 small kernel merges the partials. Backward streams the catalog again with the saved lse; every
 output element is owned by exactly one program (no atomics), so results are deterministic.
 
+Offsets into the table are int64: |V| * d passes 2^31 at |V| = 1e6, d = 2304 (an int32
+product wrapped and faulted there).
+
 Top-k keys pack (score, id) into one int64 whose integer order is the ranking order of §4.1
 (higher score first, then smaller id): the float's bits mapped to an order-preserving int32 in
 the high word, 0xFFFFFFFF - id in the low word.
@@ -54,7 +57,7 @@ def _tile_scores(U, U_LO, X, rows, cols, row_mask, col_mask, D, stride_un, strid
         d_mask = dd < D
         u = tl.load(U + rows[:, None] * stride_un + dd[None, :] * stride_ud,
                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        x = tl.load(X + cols[:, None] * stride_xv + dd[None, :] * stride_xd,
+        x = tl.load(X + cols.to(tl.int64)[:, None] * stride_xv + dd[None, :] * stride_xd,
                     mask=col_mask[:, None] & d_mask[None, :], other=0.0)
         if NORMALIZE:
             xf = x.to(tl.float32)
@@ -227,7 +230,7 @@ def _catalog_bwd_user_kernel(
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             d_mask = dd < D
-            x = tl.load(X + cols[:, None] * stride_xv + dd[None, :] * stride_xd,
+            x = tl.load(X + cols.to(tl.int64)[:, None] * stride_xv + dd[None, :] * stride_xd,
                         mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             o_mask = row_mask[:, None] & d_mask[None, :]
             acc = tl.load(out_base + dd[None, :], mask=o_mask, other=0.0)
@@ -249,7 +252,7 @@ def _catalog_bwd_items_kernel(
     cols = v0 + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     offs_d = tl.arange(0, BLOCK_D)
-    out_base = GX + cols[:, None] * D
+    out_base = GX + cols.to(tl.int64)[:, None] * D
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_mask = rows < N

@@ -43,10 +43,11 @@ def add_bench(subparsers) -> None:
         "bench",
         help="kernel micro-benchmarks: ours vs plain PyTorch, table + JSON report",
         description=(
-            "Time every implementation of an op side by side (median and p20-p80 spread), "
-            "measure its peak memory (CPU: a fresh subprocess per implementation; CUDA: "
-            "torch.cuda.max_memory_allocated) and its error vs a float64 reference; print one "
-            "table per shape and write a JSON report plus SUMMARY.md (DESIGN §7)."),
+            "Time every implementation of an op side by side (median, p20-p80 spread), measure\n"
+            "its peak memory (CPU: a fresh subprocess per implementation; CUDA:\n"
+            "torch.cuda.max_memory_allocated) and its error vs a float64 reference. Prints one\n"
+            "table per shape; writes a JSON report and SUMMARY.md beside it (DESIGN §7).\n"
+            "Details: benchmarks/README.md."),
         epilog=(
             "examples:\n"
             "  r2ec-fast bench --op catalog --quick          # about a minute on 2 CPU cores\n"

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Every GPU test and benchmark in one command, in under 8 minutes, with all logs and JSON
+# reports left in one folder (DESIGN §7). For a CUDA machine without internet:
+#
+#   bash benchmarks/gpu_suite.sh [OUTDIR]     # default: benchmarks/results/gpu-<date>
+#
+# Stages run in order, each under `timeout`; a failed stage is reported and the next one still
+# runs (a failing test must not hide the benchmark numbers). Exit status 1 if any stage failed.
+# Stage limits add up to 7.5 minutes: install 60 s, import 60 s, pytest 150 s, bench 180 s.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${1:-benchmarks/results/gpu-$(date +%Y-%m-%d-%H%M%S)}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+SUITE_START=$(date +%s)
+FAILED=()
+
+# stage NAME LIMIT_S CMD...: stdout to OUT/NAME.log, stderr to OUT/NAME.err
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    local start rc
+    start=$(date +%s)
+    echo "== $name (limit ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>"$OUT/$name.err"
+    rc=$?
+    # pytest exits 5 when nothing is marked gpu yet: not a failure of the suite
+    if [ "$rc" -eq 5 ] && [ "$name" = pytest-gpu ]; then rc=0; fi
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then echo "   TIMED OUT after ${limit}s"; fi
+    echo "   rc=$rc in $(( $(date +%s) - start ))s"
+    [ "$rc" -eq 0 ] || FAILED+=("$name")
+    return "$rc"
+}
+
+{
+    date -u +%Y-%m-%dT%H:%M:%SZ
+    git rev-parse HEAD 2>/dev/null || echo "no git checkout"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
+} >"$OUT/environment.txt" 2>&1
+
+stage install 60 python3 -m pip install -q --no-deps --no-build-isolation -e .
+if ! stage import 60 python3 -c "import torch, r2ec_fast.kernels; assert torch.cuda.is_available(), 'no CUDA device'"; then
+    echo "r2ec_fast.kernels does not import or no CUDA device: see $OUT/import.err"
+    exit 1
+fi
+stage pytest-gpu 150 python3 -m pytest -m gpu -q -p no:cacheprovider
+tail -n 3 "$OUT/pytest-gpu.log"
+stage bench-catalog 180 python3 -m r2ec_fast.cli bench --op catalog --device cuda \
+    --json "$OUT/catalog-cuda.json"
+cat "$OUT/bench-catalog.log"
+
+echo "== done in $(( $(date +%s) - SUITE_START ))s; logs and reports in $OUT"
+if [ "${#FAILED[@]}" -gt 0 ]; then
+    echo "FAILED stages: ${FAILED[*]}"
+    exit 1
+fi

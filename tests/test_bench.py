@@ -1,0 +1,143 @@
+"""The benchmark runner end to end on tiny shapes (DESIGN §7): table, JSON report, summary.
+
+One `r2ec-fast bench --smoke` run (N=8, d=32, V=2000, a few seconds plus one fresh subprocess
+per implementation for its memory) is shared by the tests of this module. It writes into a
+temporary folder, never into benchmarks/results/.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from r2ec_fast.benchmarks import harness, report
+from r2ec_fast.cli import main
+from r2ec_fast.testing import TOLERANCE
+
+REPO = Path(__file__).resolve().parent.parent
+MEASURED = ["plain rewards", "torch rewards", "plain fwd+bwd", "torch fwd+bwd"]
+CUDA_ONLY = ["triton rewards", "triton fwd+bwd"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    results_before = sorted(harness.RESULTS_DIR.glob("*")) if harness.RESULTS_DIR.exists() else []
+    path = tmp_path_factory.mktemp("bench") / "catalog-smoke.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = main(["bench", "--op", "catalog", "--smoke", "--device", "cpu",
+                       "--json", str(path)])
+    results_after = sorted(harness.RESULTS_DIR.glob("*")) if harness.RESULTS_DIR.exists() else []
+    return {"status": status, "table": stdout.getvalue(), "path": path,
+            "report": json.loads(path.read_text()), "results_unchanged":
+            results_before == results_after}
+
+
+def test_smoke_exits_cleanly_and_leaves_results_alone(smoke):
+    assert smoke["status"] == 0, smoke["table"]
+    assert smoke["results_unchanged"], "the smoke run wrote into benchmarks/results/"
+
+
+def test_table_has_one_row_per_implementation(smoke):
+    table = smoke["table"]
+    assert "catalog  N=8 d=32 V=2000 L=20 float32" in table
+    for column in ("median ms", "p20-p80 ms", "speedup", "GB/s", "%copy", "peak MiB", "+MiB",
+                   "max err"):
+        assert column in table
+    rows = {line.split()[0] + " " + line.split()[1]: line for line in table.splitlines()
+            if line.startswith("  ") and len(line.split()) > 2}
+    for name in MEASURED:
+        assert name in rows, f"no row for {name}:\n{table}"
+        assert len(rows[name].split()) == 11, rows[name]  # 2-word name + 9 numbers
+    for name in CUDA_ONLY:
+        assert f"{name}: n/a (needs CUDA)" in table
+    assert f"wrote {smoke['path']}" in table
+
+
+def test_json_report_fields(smoke):
+    rep = smoke["report"]
+    assert rep["op"] == "catalog" and rep["mode"] == "smoke"
+    assert rep["device"]["type"] == "cpu" and rep["device"]["name"]
+    assert rep["device"]["copy_gbps"] > 0
+    assert set(rep["versions"]) >= {"python", "torch", "triton"}
+    assert rep["versions"]["torch"] == torch.__version__
+    assert "git_commit" in rep
+    datetime.datetime.fromisoformat(rep["date"])
+    assert rep["dtypes"] == ["float32"]
+    assert rep["shapes"] == [{"N": 8, "d": 32, "V": 2000, "L": 20, "ndcg_k": 1000}]
+    (case,) = rep["cases"]
+    assert case["reference"]["dtype"] == "float64" and case["reference"]["rows"] == 8
+    assert case["bytes_read"] == 2000 * 32 * 4
+    assert case["other_cpu_fraction"] is None or 0 <= case["other_cpu_fraction"] <= 1
+
+
+def test_json_results_per_implementation(smoke):
+    (case,) = smoke["report"]["cases"]
+    results = {r["impl"]: r for r in case["results"]}
+    assert sorted(results) == sorted(MEASURED + CUDA_ONLY)
+    for name in CUDA_ONLY:
+        assert results[name]["skipped"] == "n/a (needs CUDA)"
+    for name in MEASURED:
+        r = results[name]
+        assert "failed" not in r, r.get("failed")
+        t = r["time_ms"]
+        assert 0 < t["min"] <= t["p20"] <= t["median"] <= t["p80"] <= t["max"]
+        assert t["n"] >= harness.MIN_REPEATS
+        mem = r["memory"]
+        assert mem["peak_mib"] > 0 and mem["added_mib"] >= 0
+        assert "subprocess" in mem["method"]
+        # fp32 inputs: every compared field (lse, target score, R_c, NDCG, log p, grad) within
+        # the DESIGN §3 tolerance of the float64 reference
+        assert set(r["errors"]) and max(r["errors"].values()) == r["max_error"]
+        assert math.isfinite(r["max_error"]) and r["max_error"] <= TOLERANCE[torch.float32], r
+        assert r["gbps"] > 0 and r["tflops"] > 0
+    assert set(results["plain rewards"]["errors"]) == {"rc", "ndcg"}
+    assert set(results["torch rewards"]["errors"]) == {"lse", "target_score", "rc", "ndcg"}
+    assert set(results["torch fwd+bwd"]["errors"]) == {"logp", "grad_user"}
+    assert results["torch rewards"]["speedup"] > 0 and "speedup" not in results["plain rewards"]
+    assert results["torch fwd+bwd"]["baseline"] == "plain fwd+bwd"
+
+
+def test_summary_regenerated_next_to_the_report(smoke):
+    summary = (smoke["path"].parent / "SUMMARY.md").read_text()
+    assert smoke["path"].name in summary
+    assert "| N=8 d=32 V=2000 L=20 float32 | torch rewards |" in summary
+
+
+def test_peak_rss_sees_an_allocation():
+    assert harness._reset_peak_rss(), "/proc/self/clear_refs is not writable here"
+    before = harness._peak_rss_mib()
+    block = torch.ones(64 * harness.MIB // 4)  # 64 MiB, touched
+    assert harness._peak_rss_mib() - before >= 60
+    del block
+
+
+def test_failures_and_skips_are_reported_not_raised():
+    case = {"key": "N=1", "reference": {"note": "x"}, "results": [
+        {"impl": "broken", "failed": "RuntimeError: boom"},
+        {"impl": "gpu only", "skipped": "n/a (needs CUDA)"}]}
+    text = report.format_case("op", case, {"name": "cpu", "copy_gbps": 1.0})
+    assert "broken: FAILED RuntimeError: boom" in text and "gpu only: n/a (needs CUDA)" in text
+
+
+def test_cli_help_and_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0 and "--quick" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+
+
+def test_bare_benchmarks_import_is_refused():
+    proc = subprocess.run([sys.executable, "-c", "import benchmarks"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "r2ec_fast.benchmarks" in proc.stderr
