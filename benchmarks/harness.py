@@ -121,7 +121,8 @@ def environment() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    commit = _git("rev-parse", "HEAD")
+    # a copy without .git (the GPU machine's) is told its commit through R2EC_GIT_COMMIT
+    commit = _git("rev-parse", "HEAD") or os.environ.get("R2EC_GIT_COMMIT")
     return {
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "triton": triton_version, "cuda": torch.version.cuda},
