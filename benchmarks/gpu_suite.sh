@@ -35,7 +35,7 @@ stage() {
 
 {
     date -u +%Y-%m-%dT%H:%M:%SZ
-    git rev-parse HEAD 2>/dev/null || echo "no git checkout"
+    git rev-parse --verify -q HEAD 2>/dev/null || echo "${R2EC_GIT_COMMIT:-no git checkout}"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
     python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
 } >"$OUT/environment.txt" 2>&1
