@@ -73,7 +73,7 @@ def _score_and_ref(backend, case, **kw):
 
 
 SHAPES = [(1, 1, 8), (1, 37, 16), (5, 203, 40), (19, 130, 100)]
-DTYPES = [(F32, F32), (BF16, BF16), (F16, F16), (F32, BF16), (BF16, F32)]
+DTYPES = [(F32, F32), (BF16, BF16), (F16, F16), (F32, BF16), (BF16, F32), (F32, F16), (F16, BF16)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
