@@ -354,9 +354,10 @@ def _blocks(n_rows: int, d: int, dtype: torch.dtype, topk_pad: int):
     return block_n, block_v, block_d, dot_f32, launch
 
 
-def _splits(n_blocks: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
-    """(num_splits, tiles_per_split) so that the grid fills the device ~4 programs deep."""
-    want = max(1, math.ceil(4 * _num_sms(device) / n_blocks))
+def _splits(n_blocks: int, n_tiles: int, device: torch.device,
+            programs_per_sm: int = 4) -> tuple[int, int]:
+    """(num_splits, tiles_per_split) so that the grid fills the device `programs_per_sm` deep."""
+    want = max(1, math.ceil(programs_per_sm * _num_sms(device) / n_blocks))
     splits = min(n_tiles, want)
     tiles_per_split = math.ceil(n_tiles / splits)
     return math.ceil(n_tiles / tiles_per_split), tiles_per_split
@@ -408,13 +409,19 @@ def catalog_forward(user, items, target, target_score, exclude, scale: float, no
 
 
 def catalog_backward(user, items, target, lse, grad, exclude, scale: float,
-                     normalize: bool, need_user: bool, need_items: bool):
+                     normalize: bool, need_user: bool, need_items: bool,
+                     config: dict | None = None):
     """Gradients of sum_n g[n] * log p(target[n]) w.r.t. `user` ([N, d] fp32) and `items`
     ([V, d] fp32, only with normalize=False); g = `grad` is the upstream gradient [N] fp32."""
     _check_operands(user, items, target, exclude)
     n_rows, d = user.shape
     n_items = items.shape[0]
     block_n, block_v, block_d, dot_f32, launch = _blocks(n_rows, d, items.dtype, 0)
+    config = dict(config or {})  # overrides, for tuning scripts
+    block_n, block_v = config.pop("block_n", block_n), config.pop("block_v", block_v)
+    block_d = config.pop("block_d", block_d)
+    depth = config.pop("programs_per_sm", 4)
+    launch.update(config)
     excl = exclude if exclude is not None else target.view(-1, 1)
     user, user_lo, split_u = _split_user(user, items)
     common = (user.stride(0), user.stride(1), items.stride(0), items.stride(1),
@@ -422,7 +429,8 @@ def catalog_backward(user, items, target, lse, grad, exclude, scale: float,
     grad_user = grad_items = None
     if need_user:
         n_blocks = triton.cdiv(n_rows, block_n)
-        splits, tiles_per_split = _splits(n_blocks, triton.cdiv(n_items, block_v), user.device)
+        splits, tiles_per_split = _splits(n_blocks, triton.cdiv(n_items, block_v), user.device,
+                                          depth)
         part = torch.zeros(splits, n_rows, d, device=user.device, dtype=torch.float32)
         _catalog_bwd_user_kernel[(n_blocks, splits)](
             user, user_lo, items, target, lse, grad, excl, part,

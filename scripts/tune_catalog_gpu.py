@@ -22,11 +22,44 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / ms / 1e6  # GB/s, bytes read + written
 
 
+def tune_backward(user, items, target, exclude, table_gb, bw):
+    """User-gradient kernel (what catalog_log_prob's backward runs when items need no grad)."""
+    from r2ec_fast.ops import catalog_log_prob
+
+    call = _prepare(user, items, target, exclude, 0.02, "cosine", 0, False)
+    u = torch.nn.functional.normalize(user.float(), dim=-1).to(items.dtype)
+    lse = torch.zeros(user.shape[0], device="cuda")
+    g = torch.ones(user.shape[0], device="cuda")
+    rows = []
+    h = user.float().requires_grad_()
+    ms = do_bench(lambda: catalog_log_prob(h, items, target, exclude).sum().backward(),
+                  warmup=3, rep=20, return_mode="median")
+    rows.append(("catalog_log_prob fwd+bwd, default (whole op)", ms))
+    grid = itertools.product([64], [64, 128, 256], [64, 128], [4, 8], [1, 4])
+    for bn, bv, bd, nw, depth in grid:
+        cfg = dict(block_n=bn, block_v=bv, block_d=bd, num_warps=nw, num_stages=3,
+                   programs_per_sm=depth)
+        try:
+            ms = do_bench(lambda: kern.catalog_backward(u, items, call.target, lse, g,
+                                                        call.exclude, 50.0, True, True, False,
+                                                        cfg),
+                          warmup=3, rep=20, return_mode="median")
+        except Exception as e:
+            print(f"  {cfg}: failed ({type(e).__name__})")
+            continue
+        rows.append((f"backward kernel {cfg}", ms))
+    print(f"\nbackward N={user.shape[0]} table {table_gb:.2f} GB")
+    for name, ms in sorted(rows, key=lambda r: r[1]):
+        print(f"  {ms:8.3f} ms  {table_gb / ms * 1e3:7.0f} GB/s  {name}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--v", type=int, default=1_000_000)
     ap.add_argument("--d", type=int, default=2304)
+    ap.add_argument("--backward", action="store_true",
+                    help="time the user-gradient kernel's configurations instead")
     ap.add_argument("--focused", action="store_true",
                     help="only the candidate configs, each with raw rows / a pre-normalised "
                          "table and with / without exclusion")
@@ -41,6 +74,9 @@ def main():
         target = torch.randint(0, args.v, (n,), device="cuda")
         exclude = torch.randint(-1, args.v, (n, 20), device="cuda")
         rows = []
+        if args.backward:
+            tune_backward(user, items, target, exclude, table_gb, bw)
+            continue
         if n * args.v * 4 < 8e9:
             ms = do_bench(lambda: reference_trainer_rewards(user, items, target, exclude),
                           warmup=3, rep=20, return_mode="median")
