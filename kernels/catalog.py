@@ -417,10 +417,17 @@ def catalog_backward(user, items, target, lse, grad, exclude, scale: float,
     n_rows, d = user.shape
     n_items = items.shape[0]
     block_n, block_v, block_d, dot_f32, launch = _blocks(n_rows, d, items.dtype, 0)
+    depth = 4
+    if n_rows <= 64 and items.dtype != torch.float32 and not _interpreting():
+        # user-gradient kernel on an H100, N = 64, d = 2304, |V| = 1e6, bf16: 7.4 ms with
+        # 128-item tiles and 8 warps against 11.4 ms with the forward's 64-item tiles; one
+        # program per SM was as fast as four and keeps the partial sums 4x smaller
+        block_v, block_d, launch, depth = 128, min(block_d, 128), dict(num_warps=8,
+                                                                       num_stages=3), 1
     config = dict(config or {})  # overrides, for tuning scripts
     block_n, block_v = config.pop("block_n", block_n), config.pop("block_v", block_v)
     block_d = config.pop("block_d", block_d)
-    depth = config.pop("programs_per_sm", 4)
+    depth = config.pop("programs_per_sm", depth)
     launch.update(config)
     excl = exclude if exclude is not None else target.view(-1, 1)
     user, user_lo, split_u = _split_user(user, items)
