@@ -3,7 +3,6 @@
 TRITON_INTERPRET must be set before triton is imported (DESIGN §3), so this runs first.
 """
 import os
-import warnings
 
 import pytest
 import torch
@@ -12,8 +11,6 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 HAS_CUDA = torch.cuda.is_available()
-# the interpreter evaluates log(0) for an all-excluded row through numpy, which warns
-warnings.filterwarnings("ignore", message="divide by zero encountered in log")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,7 +19,3 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
 
-
-@pytest.fixture
-def device():
-    return torch.device("cuda" if HAS_CUDA else "cpu")
