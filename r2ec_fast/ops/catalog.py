@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -419,8 +420,8 @@ def score_catalog(user_h, items, target=None, exclude=None, temperature=0.02,
         tgt = torch.full((n_rows,), -1, dtype=torch.int64, device=u_k.device)
         t = torch.full((n_rows,), float("inf"), device=u_k.device)
     _check_ranges(call.ranges)
-    lse, count, keys = _FORWARD[backend](u_k, call.items, tgt, t, call.exclude, call.scale,
-                                         normalize, topk)
+    lse, count, keys = catalog_stats(u_k, call.items, tgt, t, call.exclude, call.scale,
+                                     normalize, topk, backend)
     out = CatalogScores(lse, None, None)
     if call.target is not None:
         out.target_score = t
@@ -430,26 +431,89 @@ def score_catalog(user_h, items, target=None, exclude=None, temperature=0.02,
     return out
 
 
-class _CatalogLogProb(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u_hat, items, target, exclude, scale, normalize, backend, operand_dtype):
-        u_k = u_hat.detach().to(operand_dtype)
-        t = _target_score(u_k, items.detach(), target, scale, normalize)
-        lse, _, _ = _FORWARD[backend](u_k, items.detach(), target, t, exclude, scale, normalize, 0)
-        ctx.save_for_backward(u_k, items, target, lse, exclude)
-        ctx.scale, ctx.normalize, ctx.backend = scale, normalize, backend
-        return t - lse
+# ----------------------------------------------------------------------------- custom ops
+# The streaming passes are torch.library custom ops: torch.compile keeps each one as a single
+# node (Dynamo cannot trace a Triton launcher or the chunk loop) and register_fake gives it the
+# output shapes. The backend travels as a string argument.
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        u_k, items, target, lse, exclude = ctx.saved_tensors
-        need_u, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_u, grad_x = _BACKWARD[ctx.backend](
-            u_k, items.detach(), target, lse, grad_out.float().contiguous(), exclude, ctx.scale,
-            ctx.normalize, need_u, need_x)
-        if grad_x is not None:
-            grad_x = grad_x.to(items.dtype)
-        return grad_u, grad_x, None, None, None, None, None, None
+
+@torch.library.custom_op("r2ec_fast::catalog_stats", mutates_args=())
+def catalog_stats(u_k: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
+                  t: torch.Tensor, exclude: Optional[torch.Tensor], scale: float,
+                  normalize: bool, topk: int, backend: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One streaming pass: lse [N] fp32, count-above [N] int64, top-k keys [N, topk] int64."""
+    lse, count, keys = _FORWARD[backend](u_k, items, target, t, exclude, scale, normalize, topk)
+    return lse, count, keys if topk else count.new_empty((u_k.shape[0], 0))
+
+
+@catalog_stats.register_fake
+def _(u_k, items, target, t, exclude, scale, normalize, topk, backend):
+    n_rows = u_k.shape[0]
+    return (u_k.new_empty(n_rows, dtype=torch.float32), u_k.new_empty(n_rows, dtype=torch.int64),
+            u_k.new_empty((n_rows, topk), dtype=torch.int64))
+
+
+def _operand(u_hat: torch.Tensor, items: torch.Tensor, keep_fp32: bool) -> torch.Tensor:
+    return u_hat.detach().to(torch.float32 if keep_fp32 else items.dtype)
+
+
+@torch.library.custom_op("r2ec_fast::catalog_log_prob", mutates_args=())
+def catalog_log_prob_op(u_hat: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
+                        exclude: Optional[torch.Tensor], scale: float, normalize: bool,
+                        backend: str, keep_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target) [N], lse [N]), fp32, from normalised user rows `u_hat` [N, d] fp32."""
+    u_k = _operand(u_hat, items, keep_fp32)
+    t = _target_score(u_k, items, target, scale, normalize)
+    lse, _, _ = _FORWARD[backend](u_k, items, target, t, exclude, scale, normalize, 0)
+    return t - lse, lse
+
+
+@catalog_log_prob_op.register_fake
+def _(u_hat, items, target, exclude, scale, normalize, backend, keep_fp32):
+    return u_hat.new_empty(u_hat.shape[0]), u_hat.new_empty(u_hat.shape[0])
+
+
+@torch.library.custom_op("r2ec_fast::catalog_log_prob_backward", mutates_args=())
+def catalog_log_prob_backward(grad: torch.Tensor, u_hat: torch.Tensor, items: torch.Tensor,
+                              target: torch.Tensor, lse: torch.Tensor,
+                              exclude: Optional[torch.Tensor], scale: float, normalize: bool,
+                              backend: str, keep_fp32: bool, need_user: bool,
+                              need_items: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad u_hat [N, d] fp32, grad items [V, d] in items' dtype); [0]-shaped when not needed.
+    The gradient of the 16-bit operand is passed straight through its rounding to `u_hat`."""
+    grad_u, grad_x = _BACKWARD[backend](
+        _operand(u_hat, items, keep_fp32), items, target, lse, grad.float().contiguous(),
+        exclude, scale, normalize, need_user, need_items)
+    empty = u_hat.new_empty(0)
+    return (grad_u if need_user else empty,
+            grad_x.to(items.dtype) if need_items else empty.to(items.dtype))
+
+
+@catalog_log_prob_backward.register_fake
+def _(grad, u_hat, items, target, lse, exclude, scale, normalize, backend, keep_fp32,
+      need_user, need_items):
+    return (u_hat.new_empty(u_hat.shape if need_user else (0,)),
+            items.new_empty(items.shape if need_items else (0,)))
+
+
+def _log_prob_setup(ctx, inputs, output):
+    u_hat, items, target, exclude, scale, normalize, backend, keep_fp32 = inputs
+    ctx.save_for_backward(u_hat, items, target, output[1], exclude)
+    ctx.args = (scale, normalize, backend, keep_fp32)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _log_prob_backward(ctx, grad_logp, _grad_lse):
+    u_hat, items, target, lse, exclude = ctx.saved_tensors
+    need_user, need_items = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_u, grad_x = catalog_log_prob_backward(grad_logp, u_hat, items, target, lse, exclude,
+                                               *ctx.args, need_user, need_items)
+    return (grad_u if need_user else None, grad_x if need_items else None,
+            None, None, None, None, None, None)
+
+
+catalog_log_prob_op.register_autograd(_log_prob_backward, setup_context=_log_prob_setup)
 
 
 def catalog_log_prob(user_h, items, target, exclude=None, temperature=0.02, similarity="cosine",
@@ -470,8 +534,10 @@ def catalog_log_prob(user_h, items, target, exclude=None, temperature=0.02, simi
     if normalize and x.requires_grad:  # let autograd carry the row normalisation
         x = F.normalize(x.float(), dim=-1, eps=EPS).to(x.dtype)
         normalize = False
-    return _CatalogLogProb.apply(_normalize_user(call), x, call.target, call.exclude, call.scale,
-                                 normalize, backend, _operand_dtype(user_h.dtype, x.dtype))
+    keep_fp32 = _operand_dtype(user_h.dtype, x.dtype) == torch.float32
+    logp, _ = catalog_log_prob_op(_normalize_user(call), x, call.target, call.exclude,
+                                  call.scale, normalize, backend, keep_fp32)
+    return logp
 
 
 def in_batch_log_prob(user_h, item_h, labels, temperature=0.02, similarity="cosine"):

@@ -485,3 +485,35 @@ def test_gpu_table_past_int32_offsets():
     u2 = user.clone().requires_grad_()
     catalog_log_prob(u2, items, target, exclude, backend="torch").sum().backward()
     assert rel_error(u.grad, u2.grad) < 2e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_op_registrations(backend):
+    """Schema, fake (meta) kernels and autograd registration of the streaming passes."""
+    user, items, target, exclude = make_case(6, 50, 16, seed=73)
+    u_hat = torch.nn.functional.normalize(user, dim=-1)
+    t = torch.randn(6)
+    torch.library.opcheck(catalog_mod.catalog_stats,
+                          (u_hat, items, target, t, exclude, 50.0, True, 5, backend))
+    torch.library.opcheck(catalog_mod.catalog_log_prob_op,
+                          (u_hat.clone().requires_grad_(), items.clone().requires_grad_(),
+                           target, exclude, 50.0, False, backend, False))
+
+
+def test_torch_compile_traces_the_ops():
+    user, items, target, exclude = make_case(7, 60, 16, seed=79)
+
+    def step(u, x):
+        lp = catalog_log_prob(u, x, target, exclude, backend="torch")
+        s = score_catalog(u.detach(), x.detach(), target, exclude, topk=3, backend="torch")
+        return (lp * 2).sum(), s.rank, s.topk_ids
+
+    compiled = torch.compile(step, backend="aot_eager")
+    outs = []
+    for fn in (step, compiled):
+        u, x = user.clone().requires_grad_(), items.clone().requires_grad_()
+        loss, rank, ids = fn(u, x)
+        loss.backward()
+        outs.append((loss, rank, ids, u.grad, x.grad))
+    for a, b in zip(*outs):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-6)
