@@ -106,7 +106,8 @@ def _prepare(user_h, items, target, exclude, temperature, similarity, topk,
              mask_excluded_target) -> _Call:
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity={similarity!r}; choose one of {SIMILARITIES}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     normalized = False
     if isinstance(items, ItemTable):
@@ -550,6 +551,9 @@ def in_batch_log_prob(user_h, item_h, labels, temperature=0.02, similarity="cosi
                          f"{tuple(user_h.shape)} and {tuple(item_h.shape)}")
     if labels.shape != (user_h.shape[0],):
         raise ValueError(f"labels must have shape [{user_h.shape[0]}], got {tuple(labels.shape)}")
+    if not user_h.device == item_h.device == labels.device:
+        raise ValueError(f"user_h, item_h and labels must share a device, got {user_h.device}, "
+                         f"{item_h.device} and {labels.device}")
     _check_ranges([_id_range("labels", labels, 0, item_h.shape[0])])
     u, x = user_h.float(), item_h.float()
     if similarity == "cosine":

@@ -353,6 +353,7 @@ def test_validation_errors_name_the_argument():
         (dict(user_h=torch.randn(3)), "user_h"),
         (dict(items=torch.randn(20, 8, device="meta")), "device|meta"),
         (dict(temperature=0.0), "temperature"),
+        (dict(temperature=True), "temperature"),
         (dict(similarity="l2"), "similarity"),
         (dict(topk=257), "topk"),
         (dict(topk=21), "topk"),
@@ -385,6 +386,8 @@ def test_in_batch_log_prob_matches_float64():
         assert rel_error(lp, expect) < 1e-5
     with pytest.raises(ValueError, match="labels"):
         in_batch_log_prob(user, item, torch.full((12,), 5))
+    with pytest.raises(ValueError, match="device"):
+        in_batch_log_prob(user, item, labels.to("meta"))
 
 
 def test_backend_resolution(monkeypatch):
