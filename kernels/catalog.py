@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-EPS = 1e-12  # F.normalize's eps: a zero row scores 0, not NaN
 # key of a score of -inf with id 0xFFFFFFFF: below every real (score, id) key
 EMPTY_KEY = ((0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)) << 32
 
@@ -68,7 +67,7 @@ def _tile_scores(U, U_LO, X, rows, cols, row_mask, col_mask, D, stride_un, strid
                            mask=row_mask[:, None] & d_mask[None, :], other=0.0)
             acc = _mma(u_lo, tl.trans(x), acc, DOT_F32)
     if NORMALIZE:
-        item_scale = scale / tl.maximum(tl.sqrt(sumsq), 1e-12)
+        item_scale = scale / tl.maximum(tl.sqrt(sumsq), 1e-12)  # F.normalize's eps
     else:
         item_scale = tl.zeros((BLOCK_V,), tl.float32) + scale
     return acc * item_scale[None, :], item_scale
@@ -333,10 +332,11 @@ def _check_operands(user, items, target, exclude):
 def _blocks(n_rows: int, d: int, dtype: torch.dtype, topk_pad: int):
     """(BLOCK_N, BLOCK_V, BLOCK_D, DOT_F32, launch options) for a pass over the catalog.
 
-    Measured on an H100 at d = 2304, |V| = 1e6, bf16 (scripts/tune_catalog_gpu.py): N = 64 ran
-    fastest with 64 x 64 tiles, BLOCK_D 128 and 4 stages (2.9 ms; 128-wide item tiles 3.1 ms,
-    256-wide 5.4 ms); N = 512 with 128 x 128 tiles, BLOCK_D 64, 4 warps (12.3 ms; with 8 warps
-    34 ms)."""
+    Measured on an H100 at d = 2304, |V| = 1e6, bf16, 20 excluded ids per row
+    (scripts/tune_catalog_gpu.py; benchmarks/results/catalog-kernel-tuning-h100-*.md): N = 64
+    ran fastest with 64 x 64 tiles, BLOCK_D 128 and 4 stages (1.84 ms; 128-wide item tiles
+    2.0 ms, 32-row tiles 5.1 ms); N = 512 with 128 x 128 tiles, BLOCK_D 64 and 4 warps
+    (5.2 ms without exclusion; the same tiles with 8 warps spilled: 33 ms with exclusion)."""
     dot_f32 = dtype == torch.float32 or _interpreting()
     if _interpreting():
         return 16, (topk_pad or 32), min(64, max(16, triton.next_power_of_2(d))), dot_f32, {}
