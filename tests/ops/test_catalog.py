@@ -520,3 +520,24 @@ def test_torch_compile_traces_the_ops():
         outs.append((loss, rank, ids, u.grad, x.grad))
     for a, b in zip(*outs):
         assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_eager_calls_do_not_import_the_compile_stack(tmp_path):
+    """Eager calls bypass the op dispatcher, whose first call imports torch._dynamo (1.6 s,
+    120 MiB here); under torch.compile the custom ops are used (test above)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from r2ec_fast.ops import catalog_log_prob, score_catalog
+u = torch.randn(4, 8, requires_grad=True); x = torch.randn(30, 8); t = torch.arange(4)
+score_catalog(u.detach(), x, t, topk=2, backend="torch")
+catalog_log_prob(u, x, t, backend="torch").sum().backward()
+assert u.grad is not None
+print("torch._dynamo" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
