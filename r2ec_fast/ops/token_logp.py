@@ -1,0 +1,258 @@
+"""Fused linear token log-probabilities (DESIGN §4.3) and the RecPO token loss (§5 step 6).
+
+logits = softcap * tanh((hidden @ weight.T) / softcap) / temperature   (softcap optional)
+logp[t] = logits[t, target[t]] - logsumexp(logits[t]);  entropy[t] = lse[t] - sum_v p z
+
+Implementations (DESIGN §3):
+- ``reference``: materialises the T x |Vocab| logits (float64 with upcast=True);
+- ``torch``: a custom autograd Function over [token chunk x vocabulary chunk] blocks with an
+  online log-sum-exp; backward recomputes the blocks from the saved lse, so no T x |Vocab|
+  tensor exists in forward or backward; no weight-gradient work when the weight is frozen;
+- ``triton``: not built yet (issue 3); automatic selection on CUDA falls back to ``torch``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from r2ec_fast.ops._backend import resolve_backend
+
+IGNORE_INDEX = -100
+# elements of one [token chunk, vocabulary chunk] block of fp32 logits (4 MiB)
+BLOCK_ELEMS = 1 << 20
+TOKEN_CHUNK = 512
+
+
+def _check(hidden, weight, targets, softcap, temperature, ignore_index):
+    if not (isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and hidden.dim() == 2):
+        raise ValueError(f"hidden must be a floating-point [T, d] tensor, got "
+                         f"{getattr(hidden, 'shape', type(hidden))}")
+    if not (isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2):
+        raise ValueError("weight must be a floating-point [Vocab, d] tensor")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden has d={hidden.shape[1]} but weight has d={weight.shape[1]}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary")
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(f"targets must have shape [{hidden.shape[0]}], got {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets must hold integer ids, got {targets.dtype}")
+    if not hidden.device == weight.device == targets.device:
+        raise ValueError(f"hidden, weight and targets must share a device, got {hidden.device}, "
+                         f"{weight.device} and {targets.device}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if targets.numel():
+        valid = targets != ignore_index
+        bad = valid & ((targets < 0) | (targets >= weight.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"targets has ids outside [0, {weight.shape[0]}) that are not "
+                             f"ignore_index={ignore_index}")
+
+
+def _transform(x: torch.Tensor, softcap, temperature) -> torch.Tensor:
+    """Raw logits -> the sampled distribution's logits (in place on x)."""
+    if softcap is not None:
+        x.div_(softcap).tanh_().mul_(softcap)
+    if temperature != 1.0:
+        x.div_(temperature)
+    return x
+
+
+def _dz_dx(z: torch.Tensor, softcap, temperature) -> torch.Tensor | float:
+    """d logits / d raw logits, from the transformed logits z."""
+    if softcap is None:
+        return 1.0 / temperature
+    tanh = z * (temperature / softcap)
+    return (1.0 - tanh * tanh) / temperature
+
+
+def linear_log_probs_reference(hidden, weight, targets, softcap=None, temperature=1.0,
+                               ignore_index=IGNORE_INDEX, return_entropy=False, upcast=True):
+    """Materialise the logits (float64 with upcast, else the inputs' dtype, i.e. plain
+    PyTorch) and apply the formula literally; differentiable by autograd."""
+    dtype = torch.float64 if upcast else torch.promote_types(hidden.dtype, weight.dtype)
+    x = hidden.to(dtype) @ weight.to(dtype).T  # [T, V]
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    z = x / temperature
+    logsm = torch.log_softmax(z.float() if not upcast else z, dim=-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0).long()
+    logp = torch.where(valid, logsm.gather(1, safe[:, None])[:, 0], 0.0)
+    if not return_entropy:
+        return logp
+    entropy = -(logsm.exp() * logsm).sum(-1)
+    return logp, torch.where(valid, entropy, 0.0)
+
+
+def _blocks(n_tokens: int, vocab: int) -> tuple[int, int]:
+    token_chunk = max(1, min(TOKEN_CHUNK, n_tokens))
+    return token_chunk, max(1, min(vocab, BLOCK_ELEMS // token_chunk))
+
+
+def _forward_chunk(h, weight, tgt, valid, softcap, temperature, vocab_chunk):
+    """(lse, target logit, E[z]) of one token chunk [Tc], streaming over the vocabulary."""
+    n = h.shape[0]
+    m = torch.full((n,), float("-inf"), device=h.device)
+    l = torch.zeros(n, device=h.device)
+    ez = torch.zeros(n, device=h.device)  # sum exp(z - m) * z
+    z_tgt = torch.zeros(n, device=h.device)
+    for a in range(0, weight.shape[0], vocab_chunk):
+        b = min(a + vocab_chunk, weight.shape[0])
+        z = _transform(h @ weight[a:b].float().T, softcap, temperature)  # [Tc, Vc]
+        inside = valid & (tgt >= a) & (tgt < b)
+        z_tgt += torch.where(inside, z.gather(1, (tgt - a).clamp(0, b - a - 1)[:, None])[:, 0], 0.0)
+        m_new = torch.maximum(m, z.amax(1))
+        alpha = torch.exp(m - m_new)
+        e = torch.exp(z - m_new[:, None])
+        l = l * alpha + e.sum(1)
+        ez = ez * alpha + (e * z).sum(1)
+        m = m_new
+    lse = m + torch.log(l)
+    return lse, z_tgt, ez / l
+
+
+def _backward_chunk(h, weight, tgt, valid, lse, mean_z, g_logp, g_ent, softcap, temperature,
+                    vocab_chunk, grad_w):
+    """grad of the token chunk's hidden rows [Tc, d]; adds into grad_w [V, d] when given."""
+    grad_h = torch.zeros_like(h)
+    for a in range(0, weight.shape[0], vocab_chunk):
+        b = min(a + vocab_chunk, weight.shape[0])
+        w = weight[a:b].float()
+        z = _transform(h @ w.T, softcap, temperature)  # [Tc, Vc]
+        p = torch.exp(z - lse[:, None])
+        # d/dz of g_logp * (z_tgt - lse) + g_ent * (lse - sum p z)
+        coef = -p * g_logp[:, None]
+        if g_ent is not None:
+            coef -= (p * (z - mean_z[:, None])) * g_ent[:, None]
+        inside = valid & (tgt >= a) & (tgt < b)
+        coef.scatter_add_(1, (tgt - a).clamp(0, b - a - 1)[:, None],
+                          torch.where(inside, g_logp, 0.0)[:, None])
+        coef = coef * _dz_dx(z, softcap, temperature)
+        coef = torch.where(valid[:, None], coef, 0.0)
+        grad_h.addmm_(coef, w)
+        if grad_w is not None:
+            grad_w[a:b].addmm_(coef.T, h)
+    return grad_h
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, temperature, ignore_index, want_entropy):
+        n_tokens = hidden.shape[0]
+        token_chunk, vocab_chunk = _blocks(n_tokens, weight.shape[0])
+        valid = targets != ignore_index
+        tgt = torch.where(valid, targets, 0).long()
+        lse = torch.empty(n_tokens, device=hidden.device)
+        mean_z = torch.empty(n_tokens, device=hidden.device)
+        logp = torch.empty(n_tokens, device=hidden.device)
+        for s in range(0, n_tokens, token_chunk):
+            e = min(s + token_chunk, n_tokens)
+            lse[s:e], z_tgt, mean_z[s:e] = _forward_chunk(
+                hidden[s:e].float(), weight, tgt[s:e], valid[s:e], softcap, temperature,
+                vocab_chunk)
+            logp[s:e] = z_tgt - lse[s:e]
+        logp = torch.where(valid, logp, 0.0)
+        entropy = torch.where(valid, lse - mean_z, 0.0)
+        ctx.save_for_backward(hidden, weight, tgt, valid, lse, mean_z)
+        ctx.args = (softcap, temperature, want_entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, tgt, valid, lse, mean_z = ctx.saved_tensors
+        softcap, temperature, want_entropy = ctx.args
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
+        g_ent = None if (g_ent is None or not want_entropy) else g_ent.float()
+        n_tokens = hidden.shape[0]
+        token_chunk, vocab_chunk = _blocks(n_tokens, weight.shape[0])
+        grad_w = torch.zeros(weight.shape, device=weight.device) if need_w else None
+        grad_h = torch.empty(hidden.shape, device=hidden.device) if need_h else None
+        for s in range(0, n_tokens, token_chunk):
+            e = min(s + token_chunk, n_tokens)
+            gh = _backward_chunk(hidden[s:e].float(), weight, tgt[s:e], valid[s:e], lse[s:e],
+                                 mean_z[s:e], g_logp[s:e],
+                                 None if g_ent is None else g_ent[s:e], softcap, temperature,
+                                 vocab_chunk, grad_w)
+            if need_h:
+                grad_h[s:e] = gh
+        return (grad_h.to(hidden.dtype) if need_h else None,
+                grad_w.to(weight.dtype) if need_w else None, None, None, None, None, None)
+
+
+def linear_log_probs(hidden, weight, targets, softcap=None, temperature=1.0,
+                     ignore_index=IGNORE_INDEX, return_entropy=False, backend=None):
+    """Per-token log-probabilities [T] fp32 (and entropies [T] with ``return_entropy``) of
+    ``targets`` under softmax(softcap * tanh(hidden @ weight.T / softcap) / temperature),
+    without materialising the T x |Vocab| logits. Differentiable w.r.t. ``hidden`` and
+    ``weight`` (no weight-gradient work when ``weight.requires_grad`` is false); ignored
+    targets give 0 and no gradient."""
+    _check(hidden, weight, targets, softcap, temperature, ignore_index)
+    explicit = backend or os.environ.get("R2EC_BACKEND")
+    backend = resolve_backend(backend, hidden, weight)
+    if backend == "triton":
+        if explicit == "triton":
+            raise ValueError("linear_log_probs has no triton backend yet; use backend='torch'")
+        backend = "torch"  # automatic choice on CUDA until the kernels land
+    if backend == "reference":
+        out = linear_log_probs_reference(hidden, weight, targets, softcap, temperature,
+                                         ignore_index, return_entropy, upcast=False)
+        return tuple(o.float() for o in out) if return_entropy else out.float()
+    logp, entropy = _LinearLogProbs.apply(hidden, weight, targets, softcap, float(temperature),
+                                          ignore_index, return_entropy)
+    return (logp, entropy) if return_entropy else logp
+
+
+@dataclass
+class TokenLoss:
+    loss: torch.Tensor  # scalar, differentiable
+    mean_ratio: torch.Tensor  # over the masked tokens
+    clip_frac: torch.Tensor  # fraction of masked tokens whose clipped term was taken
+    entropy: torch.Tensor | None = None  # mean entropy over the masked tokens
+
+
+def recpo_token_loss(hidden, weight, targets, advantages, loss_mask, old_logp=None,
+                     eps_low=0.2, eps_high=0.28, softcap=None, temperature=1.0,
+                     normalize="token", batch_size=None, return_entropy=False,
+                     backend=None) -> TokenLoss:
+    """The clipped token objective of DESIGN §5 step 6 on flattened tokens [T]:
+    r = exp(logp - old_logp), loss_t = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A).
+
+    normalize="token": mean over the masked tokens; "reference": that mean divided by
+    ``batch_size`` (the reference trainer's mini-batch size). ``old_logp=None`` means on-policy
+    (the ratio is 1, the gradient that of logp A)."""
+    if normalize not in ("token", "reference"):
+        raise ValueError(f"normalize={normalize!r}; choose 'token' or 'reference'")
+    if normalize == "reference" and not (isinstance(batch_size, int) and batch_size > 0):
+        raise ValueError("normalize='reference' needs batch_size, the mini-batch size")
+    if not (0 <= eps_low < 1 and eps_high >= 0):
+        raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low}, {eps_high}")
+    n_tokens = hidden.shape[0] if isinstance(hidden, torch.Tensor) else None
+    for name, t in (("advantages", advantages), ("loss_mask", loss_mask), ("old_logp", old_logp)):
+        if t is not None and t.shape != (n_tokens,):
+            raise ValueError(f"{name} must have shape [{n_tokens}], got {tuple(t.shape)}")
+    out = linear_log_probs(hidden, weight, targets, softcap, temperature,
+                           return_entropy=return_entropy, backend=backend)
+    logp, entropy = out if return_entropy else (out, None)
+    mask = loss_mask.to(torch.float32)
+    old = logp.detach() if old_logp is None else old_logp.float()
+    adv = advantages.float()
+    ratio = torch.exp(logp - old)
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    count = mask.sum().clamp_min(1.0)
+    loss = (per_token * mask).sum() / count
+    if normalize == "reference":
+        loss = loss / batch_size
+    with torch.no_grad():
+        took_clip = (clipped * adv < ratio * adv).float()
+        stats = TokenLoss(loss, (ratio * mask).sum() / count, (took_clip * mask).sum() / count)
+        if entropy is not None:
+            stats.entropy = (entropy * mask).sum() / count
+    return stats
