@@ -141,3 +141,21 @@ def test_bare_benchmarks_import_is_refused():
     proc = subprocess.run([sys.executable, "-c", "import benchmarks"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "r2ec_fast.benchmarks" in proc.stderr
+
+
+def test_token_logp_smoke(tmp_path):
+    """The token log-prob benchmark end to end: every column present, ours within fp32
+    tolerance of float64 (timings only; --no-memory keeps it short)."""
+    path = tmp_path / "token-smoke.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = main(["bench", "--op", "token_logp", "--smoke", "--device", "cpu",
+                       "--no-memory", "--json", str(path)])
+    assert status == 0, stdout.getvalue()
+    (case,) = json.loads(path.read_text())["cases"]
+    rows = {r["impl"]: r for r in case["results"]}
+    assert {"plain fwd", "torch fwd", "plain fwd+bwd", "torch fwd+bwd"} <= set(rows)
+    for name in ("torch fwd", "torch fwd+bwd"):
+        assert rows[name]["max_error"] <= TOLERANCE[torch.float32], rows[name]
+        assert rows[name]["time_ms"]["median"] > 0 and rows[name]["speedup"] > 0
+    assert set(rows["torch fwd+bwd"]["errors"]) == {"logp", "grad_hidden", "grad_weight"}
