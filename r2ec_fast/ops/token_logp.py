@@ -95,8 +95,9 @@ def _blocks(n_tokens: int, vocab: int) -> tuple[int, int]:
     return token_chunk, max(1, min(vocab, BLOCK_ELEMS // token_chunk))
 
 
-def _forward_chunk(h, weight, tgt, valid, softcap, temperature, vocab_chunk):
-    """(lse, target logit, E[z]) of one token chunk [Tc], streaming over the vocabulary."""
+def _forward_chunk(h, weight, tgt, valid, softcap, temperature, vocab_chunk, want_mean_z):
+    """(lse, target logit, E[z] or zeros) of one token chunk [Tc], streaming over the
+    vocabulary; E[z] (for the entropy) costs one more pass over each block, so only on demand."""
     n = h.shape[0]
     m = torch.full((n,), float("-inf"), device=h.device)
     l = torch.zeros(n, device=h.device)
@@ -111,7 +112,8 @@ def _forward_chunk(h, weight, tgt, valid, softcap, temperature, vocab_chunk):
         alpha = torch.exp(m - m_new)
         e = torch.exp(z - m_new[:, None])
         l = l * alpha + e.sum(1)
-        ez = ez * alpha + (e * z).sum(1)
+        if want_mean_z:
+            ez = ez * alpha + e.mul_(z).sum(1)
         m = m_new
     lse = m + torch.log(l)
     return lse, z_tgt, ez / l
@@ -155,10 +157,11 @@ class _LinearLogProbs(torch.autograd.Function):
             e = min(s + token_chunk, n_tokens)
             lse[s:e], z_tgt, mean_z[s:e] = _forward_chunk(
                 hidden[s:e].float(), weight, tgt[s:e], valid[s:e], softcap, temperature,
-                vocab_chunk)
+                vocab_chunk, want_entropy)
             logp[s:e] = z_tgt - lse[s:e]
         logp = torch.where(valid, logp, 0.0)
-        entropy = torch.where(valid, lse - mean_z, 0.0)
+        entropy = (torch.where(valid, lse - mean_z, 0.0) if want_entropy
+                   else torch.zeros_like(lse))
         ctx.save_for_backward(hidden, weight, tgt, valid, lse, mean_z)
         ctx.args = (softcap, temperature, want_entropy)
         return logp, entropy
