@@ -30,7 +30,7 @@ from ..ops import (
     score_catalog_reference,
 )
 from ..testing import rel_error
-from .harness import Case, Impl, register
+from .harness import Case, Impl, register, time_ratio_check
 
 TEMPERATURE = 0.02
 SIMILARITY = "cosine"
@@ -183,19 +183,13 @@ def _acceptance(results: dict[str, dict]) -> list[dict]:
     ours, plain = results.get("torch rewards", {}), results.get("plain rewards", {})
     added = ours.get("memory", {}).get("added_mib")
     plain_added = plain.get("memory", {}).get("added_mib")
-    t_ours = ours.get("time_ms", {}).get("median")
-    t_plain = plain.get("time_ms", {}).get("median")
-    ratio = t_ours / t_plain if t_ours and t_plain else None
     plain_txt = f"{plain_added:.0f} MiB" if plain_added is not None else "not measured"
     return [
         {"name": f"torch rewards adds <= {ACCEPT_ADDED_MIB} MiB beyond its inputs",
          "passed": None if added is None else added <= ACCEPT_ADDED_MIB,
          "value": (f"{added:.1f} MiB" if added is not None else "not measured")
          + _first_call_note(ours) + f" (plain rewards adds {plain_txt})"},
-        {"name": f"torch rewards time <= {ACCEPT_TIME_RATIO}x plain rewards",
-         "passed": None if ratio is None else ratio <= ACCEPT_TIME_RATIO,
-         "value": "not measured" if ratio is None else
-         f"torch/plain = {ratio:.2f} ({t_ours:.0f} ms vs {t_plain:.0f} ms)"},
+        time_ratio_check(results, "torch rewards", "plain rewards", ACCEPT_TIME_RATIO),
     ]
 
 

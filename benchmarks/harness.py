@@ -84,6 +84,17 @@ class Case:
     checks: Callable[[dict[str, dict]], list[dict]] | None = None  # results by impl -> verdicts
 
 
+def time_ratio_check(results: dict[str, dict], ours: str, base: str, limit: float) -> dict:
+    """An acceptance verdict: median time of `ours` at most `limit` x that of `base`."""
+    t_ours = results.get(ours, {}).get("time_ms", {}).get("median")
+    t_base = results.get(base, {}).get("time_ms", {}).get("median")
+    ratio = t_ours / t_base if t_ours and t_base else None
+    return {"name": f"{ours} time <= {limit}x {base}'s",
+            "passed": None if ratio is None else ratio <= limit,
+            "value": "not measured" if ratio is None else
+            f"{ours}/{base} = {ratio:.2f} ({t_ours:.0f} ms vs {t_base:.0f} ms)"}
+
+
 @dataclass
 class Options:
     repeats: int | None = None  # None: the mode's default

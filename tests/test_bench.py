@@ -159,3 +159,20 @@ def test_token_logp_smoke(tmp_path):
         assert rows[name]["max_error"] <= TOLERANCE[torch.float32], rows[name]
         assert rows[name]["time_ms"]["median"] > 0 and rows[name]["speedup"] > 0
     assert set(rows["torch fwd+bwd"]["errors"]) == {"logp", "grad_hidden", "grad_weight"}
+
+
+def test_acceptance_verdicts():
+    """The acceptance checks of both benchmarks pass, fail and say 'not measured' as they should."""
+    from r2ec_fast.benchmarks import bench_catalog, bench_token_logp
+
+    def res(ms, mib):
+        return {"time_ms": {"median": ms}, "memory": {"added_mib": mib}}
+
+    ok = bench_catalog._acceptance({"torch rewards": res(10.0, 5.0),
+                                    "plain rewards": res(20.0, 900.0)})
+    assert [c["passed"] for c in ok] == [True, True]
+    slow = bench_token_logp._acceptance({"torch fwd+bwd": res(31.0, 200.0),
+                                         "plain fwd+bwd": res(20.0, 900.0)})
+    assert [c["passed"] for c in slow] == [False, False]
+    assert "1.55" in slow[1]["value"]
+    assert all(c["passed"] is None for c in bench_token_logp._acceptance({}))
