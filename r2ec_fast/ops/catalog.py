@@ -399,16 +399,11 @@ def reference_trainer_rewards(user_h, items, target, exclude=None, temperature=0
     path and the tests' check of the derived rewards."""
     if isinstance(items, ItemTable):
         items = items.weight
-    dtype = torch.promote_types(user_h.dtype, items.dtype)
-    u, x = user_h.to(dtype), items.to(dtype)
-    if similarity == "cosine":
-        u, x = F.normalize(u, dim=-1, eps=EPS), F.normalize(x, dim=-1, eps=EPS)
-    s = (u @ x.T).float() / temperature  # [N, V]
-    if exclude is not None:
-        ex = exclude.long()
-        if not mask_excluded_target:
-            ex = ex.masked_fill(ex == target[:, None], -1)
-        s = s.masked_fill(_exclusion_mask(ex, s.shape, s.device), float("-inf"))
+    ex = None if exclude is None else exclude.long()
+    if ex is not None and not mask_excluded_target:
+        ex = ex.masked_fill(ex == target[:, None], -1)
+    s, mask = _reference_scores(user_h, items, ex, temperature, similarity, upcast=False)
+    s = s.masked_fill(mask, float("-inf"))  # [N, V]
     rc = torch.softmax(s, dim=1).gather(1, target.long()[:, None])[:, 0]
     top = torch.topk(s, min(k, s.shape[1]), dim=1).indices  # [N, k]
     where = top == target[:, None]

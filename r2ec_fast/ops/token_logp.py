@@ -42,9 +42,11 @@ def _check(hidden, weight, targets, softcap, temperature, ignore_index):
     if not hidden.device == weight.device == targets.device:
         raise ValueError(f"hidden, weight and targets must share a device, got {hidden.device}, "
                          f"{weight.device} and {targets.device}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+    if softcap is not None and (isinstance(softcap, bool) or not (
+            isinstance(softcap, (int, float)) and softcap > 0)):
         raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float))
+                                             and temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     if targets.numel():
         valid = targets != ignore_index

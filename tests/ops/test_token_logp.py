@@ -93,6 +93,10 @@ def test_validation_errors():
         linear_log_probs(hidden, weight, targets, softcap=0.0)
     with pytest.raises(ValueError, match="temperature"):
         linear_log_probs(hidden, weight, targets, temperature=-1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        linear_log_probs(hidden, weight, targets, temperature=True)
+    with pytest.raises(ValueError, match="softcap"):
+        linear_log_probs(hidden, weight, targets, softcap=True)
     with pytest.raises(ValueError, match="triton"):
         linear_log_probs(hidden, weight, targets, backend="triton")
 
