@@ -18,24 +18,14 @@ the high word, 0xFFFFFFFF - id in the low word.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
+from ._common import _empty, _interpreting, _mma, _splits
+
 # key of a score of -inf with id 0xFFFFFFFF: below every real (score, id) key
 EMPTY_KEY = ((0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)) << 32
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_F32: tl.constexpr):
-    # DOT_F32: fp32 operands with exact (ieee) products. Set for fp32 tables, and in the
-    # interpreter, whose tl.dot multiplies raw bf16 bit patterns (DESIGN §3).
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -285,23 +275,6 @@ def _catalog_bwd_items_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Allocation of every buffer a kernel must fully write (tests poison it through here)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few splits, so the merge path is always exercised
-
-
 def _split_user(user, items):
     """(hi, lo, split): user rows in the table's dtype, plus the rounding residue when the user
     side is fp32 against a 16-bit table (see _tile_scores)."""
@@ -352,15 +325,6 @@ def _blocks(n_rows: int, d: int, dtype: torch.dtype, topk_pad: int):
             num_warps=8 if topk_pad >= 128 else 4, num_stages=2)
     block_d = min(block_d, max(16, triton.next_power_of_2(d)))
     return block_n, block_v, block_d, dot_f32, launch
-
-
-def _splits(n_blocks: int, n_tiles: int, device: torch.device,
-            programs_per_sm: int = 4) -> tuple[int, int]:
-    """(num_splits, tiles_per_split) so that the grid fills the device `programs_per_sm` deep."""
-    want = max(1, math.ceil(programs_per_sm * _num_sms(device) / n_blocks))
-    splits = min(n_tiles, want)
-    tiles_per_split = math.ceil(n_tiles / splits)
-    return math.ceil(n_tiles / tiles_per_split), tiles_per_split
 
 
 def catalog_forward(user, items, target, target_score, exclude, scale: float, normalize: bool,

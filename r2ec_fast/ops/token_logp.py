@@ -8,11 +8,11 @@ Implementations (DESIGN §3):
 - ``torch``: a custom autograd Function over [token chunk x vocabulary chunk] blocks with an
   online log-sum-exp; backward recomputes the blocks from the saved lse, so no T x |Vocab|
   tensor exists in forward or backward; no weight-gradient work when the weight is frozen;
-- ``triton``: not built yet (issue 3); automatic selection on CUDA falls back to ``torch``.
+- ``triton``: the kernels of ``r2ec_fast.kernels.token_logp`` (split vocabulary + merge
+  forward; two deterministic backward passes, one per gradient).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -145,50 +145,80 @@ def _backward_chunk(h, weight, tgt, valid, lse, mean_z, g_logp, g_ent, softcap, 
     return grad_h
 
 
+def _torch_forward(hidden, weight, tgt, valid, softcap, temperature, want_entropy):
+    """(logp, entropy, lse, mean_z) [T] fp32 by the blocked torch path."""
+    n_tokens = hidden.shape[0]
+    token_chunk, vocab_chunk = _blocks(n_tokens, weight.shape[0])
+    lse = torch.empty(n_tokens, device=hidden.device)
+    mean_z = torch.empty(n_tokens, device=hidden.device)
+    logp = torch.empty(n_tokens, device=hidden.device)
+    for s in range(0, n_tokens, token_chunk):
+        e = min(s + token_chunk, n_tokens)
+        lse[s:e], z_tgt, mean_z[s:e] = _forward_chunk(
+            hidden[s:e].float(), weight, tgt[s:e], valid[s:e], softcap, temperature,
+            vocab_chunk, want_entropy)
+        logp[s:e] = z_tgt - lse[s:e]
+    logp = torch.where(valid, logp, 0.0)
+    entropy = (torch.where(valid, lse - mean_z, 0.0) if want_entropy
+               else torch.zeros_like(lse))
+    return logp, entropy, lse, mean_z
+
+
+def _torch_backward(hidden, weight, tgt, valid, lse, mean_z, g_logp, g_ent, softcap,
+                    temperature, need_h, need_w):
+    n_tokens = hidden.shape[0]
+    token_chunk, vocab_chunk = _blocks(n_tokens, weight.shape[0])
+    grad_w = torch.zeros(weight.shape, device=weight.device) if need_w else None
+    grad_h = torch.empty(hidden.shape, device=hidden.device) if need_h else None
+    for s in range(0, n_tokens, token_chunk):
+        e = min(s + token_chunk, n_tokens)
+        gh = _backward_chunk(hidden[s:e].float(), weight, tgt[s:e], valid[s:e], lse[s:e],
+                             mean_z[s:e], g_logp[s:e], None if g_ent is None else g_ent[s:e],
+                             softcap, temperature, vocab_chunk, grad_w)
+        if need_h:
+            grad_h[s:e] = gh
+    return (grad_h.to(hidden.dtype) if need_h else None,
+            grad_w.to(weight.dtype) if need_w else None)
+
+
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, temperature, ignore_index, want_entropy):
-        n_tokens = hidden.shape[0]
-        token_chunk, vocab_chunk = _blocks(n_tokens, weight.shape[0])
+    def forward(ctx, hidden, weight, targets, softcap, temperature, ignore_index, want_entropy,
+                backend):
         valid = targets != ignore_index
-        tgt = torch.where(valid, targets, 0).long()
-        lse = torch.empty(n_tokens, device=hidden.device)
-        mean_z = torch.empty(n_tokens, device=hidden.device)
-        logp = torch.empty(n_tokens, device=hidden.device)
-        for s in range(0, n_tokens, token_chunk):
-            e = min(s + token_chunk, n_tokens)
-            lse[s:e], z_tgt, mean_z[s:e] = _forward_chunk(
-                hidden[s:e].float(), weight, tgt[s:e], valid[s:e], softcap, temperature,
-                vocab_chunk, want_entropy)
-            logp[s:e] = z_tgt - lse[s:e]
-        logp = torch.where(valid, logp, 0.0)
-        entropy = (torch.where(valid, lse - mean_z, 0.0) if want_entropy
-                   else torch.zeros_like(lse))
+        if backend == "triton":
+            from r2ec_fast.kernels import token_logp as kern
+
+            tgt = torch.where(valid, targets, -1).long().contiguous()
+            logp, entropy, lse, mean_z = kern.token_logp_forward(
+                hidden, weight, tgt, softcap, temperature, want_entropy)
+            if entropy is None:
+                entropy, mean_z = torch.zeros_like(lse), lse
+        else:
+            tgt = torch.where(valid, targets, 0).long()
+            logp, entropy, lse, mean_z = _torch_forward(hidden, weight, tgt, valid, softcap,
+                                                        temperature, want_entropy)
         ctx.save_for_backward(hidden, weight, tgt, valid, lse, mean_z)
-        ctx.args = (softcap, temperature, want_entropy)
+        ctx.args = (softcap, temperature, want_entropy, backend)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, weight, tgt, valid, lse, mean_z = ctx.saved_tensors
-        softcap, temperature, want_entropy = ctx.args
+        softcap, temperature, want_entropy, backend = ctx.args
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
-        g_ent = None if (g_ent is None or not want_entropy) else g_ent.float()
-        n_tokens = hidden.shape[0]
-        token_chunk, vocab_chunk = _blocks(n_tokens, weight.shape[0])
-        grad_w = torch.zeros(weight.shape, device=weight.device) if need_w else None
-        grad_h = torch.empty(hidden.shape, device=hidden.device) if need_h else None
-        for s in range(0, n_tokens, token_chunk):
-            e = min(s + token_chunk, n_tokens)
-            gh = _backward_chunk(hidden[s:e].float(), weight, tgt[s:e], valid[s:e], lse[s:e],
-                                 mean_z[s:e], g_logp[s:e],
-                                 None if g_ent is None else g_ent[s:e], softcap, temperature,
-                                 vocab_chunk, grad_w)
-            if need_h:
-                grad_h[s:e] = gh
-        return (grad_h.to(hidden.dtype) if need_h else None,
-                grad_w.to(weight.dtype) if need_w else None, None, None, None, None, None)
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
+        g_ent = None if (g_ent is None or not want_entropy) else g_ent.float().contiguous()
+        if backend == "triton":
+            from r2ec_fast.kernels import token_logp as kern
+
+            grad_h, grad_w = kern.token_logp_backward(
+                hidden, weight, tgt, lse, mean_z, g_logp, g_ent, softcap, temperature, need_h,
+                need_w)
+        else:
+            grad_h, grad_w = _torch_backward(hidden, weight, tgt, valid, lse, mean_z, g_logp,
+                                             g_ent, softcap, temperature, need_h, need_w)
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def linear_log_probs(hidden, weight, targets, softcap=None, temperature=1.0,
@@ -199,18 +229,13 @@ def linear_log_probs(hidden, weight, targets, softcap=None, temperature=1.0,
     ``weight`` (no weight-gradient work when ``weight.requires_grad`` is false); ignored
     targets give 0 and no gradient."""
     _check(hidden, weight, targets, softcap, temperature, ignore_index)
-    explicit = backend or os.environ.get("R2EC_BACKEND")
     backend = resolve_backend(backend, hidden, weight)
-    if backend == "triton":
-        if explicit == "triton":
-            raise ValueError("linear_log_probs has no triton backend yet; use backend='torch'")
-        backend = "torch"  # automatic choice on CUDA until the kernels land
     if backend == "reference":
         out = linear_log_probs_reference(hidden, weight, targets, softcap, temperature,
                                          ignore_index, return_entropy, upcast=False)
         return tuple(o.float() for o in out) if return_entropy else out.float()
     logp, entropy = _LinearLogProbs.apply(hidden, weight, targets, softcap, float(temperature),
-                                          ignore_index, return_entropy)
+                                          ignore_index, return_entropy, backend)
     return (logp, entropy) if return_entropy else logp
 
 

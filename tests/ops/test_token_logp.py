@@ -31,11 +31,15 @@ def small_blocks(monkeypatch):
 CAPS = [(None, 1.0), (30.0, 1.0), (None, 0.7), (5.0, 2.0)]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("softcap,temperature", CAPS)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 9, 8), (23, 61, 40), (12, 30, 2304)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_forward_backward_match_float64(small_blocks, softcap, temperature, dtype, shape):
+def test_forward_backward_match_float64(small_blocks, backend, softcap, temperature, dtype,
+                                        shape):
+    """torch blocks of 5 x 7 and the interpreter's Triton tiles of 16 x 32 (d in steps of at
+    most 64) are all crossed: T = 23, Vocab = 61, d = 40 and 2304."""
     hidden, weight, targets = make_case(*shape, dtype, seed=sum(shape), peaked=shape[0] > 20)
     g_logp = torch.randn(shape[0], generator=torch.Generator().manual_seed(1))
     g_ent = torch.randn(shape[0], generator=torch.Generator().manual_seed(2))
@@ -46,7 +50,7 @@ def test_forward_backward_match_float64(small_blocks, softcap, temperature, dtyp
         ((lp * g_logp.to(lp.dtype)).sum() + (ent * g_ent.to(ent.dtype)).sum()).backward()
         return lp, ent, h.grad, w.grad
 
-    ours = run(linear_log_probs, hidden, weight, backend="torch")
+    ours = run(linear_log_probs, hidden, weight, backend=backend)
     ref = run(linear_log_probs_reference, hidden.double(), weight.double())
     plain = run(linear_log_probs_reference, hidden, weight, upcast=False)
     tol = TOLERANCE[dtype]
@@ -97,8 +101,8 @@ def test_validation_errors():
         linear_log_probs(hidden, weight, targets, temperature=True)
     with pytest.raises(ValueError, match="softcap"):
         linear_log_probs(hidden, weight, targets, softcap=True)
-    with pytest.raises(ValueError, match="triton"):
-        linear_log_probs(hidden, weight, targets, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        linear_log_probs(hidden, weight, targets, backend="cuda")
 
 
 def token_loss_float64(logp, old, adv, mask, eps_low, eps_high):
@@ -152,3 +156,149 @@ def test_recpo_token_loss_on_policy_gradient_is_policy_gradient():
     assert rel_error(h.grad, h2.grad) < 1e-6
     with pytest.raises(ValueError, match="batch_size"):
         recpo_token_loss(h, weight, targets, adv, mask, normalize="reference")
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+def reference_grads(hidden, weight, targets, softcap, temperature, g_logp, g_ent):
+    """float64 (logp, entropy, grad hidden, grad weight) of sum g_logp logp + g_ent entropy."""
+    h = hidden.double().requires_grad_()
+    w = weight.double().requires_grad_()
+    lp, ent = linear_log_probs_reference(h, w, targets, softcap, temperature,
+                                         return_entropy=True)
+    ((lp * g_logp.double()).sum() + (ent * g_ent.double()).sum()).backward()
+    return lp.detach(), ent.detach(), h.grad, w.grad
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels must fully write starts as NaN."""
+    from r2ec_fast.kernels import token_logp as kern
+
+    def empty(shape, dtype, device):
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype,
+                          device=device)
+
+    monkeypatch.setattr(kern, "_empty", empty)
+    return kern
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_triton_launchers_cross_every_boundary(poisoned, dtype):
+    """Tiles of 16 tokens x 32 vocabulary rows x 16 features against T = 37, Vocab = 300,
+    d = 40: three token blocks, ten vocabulary tiles shared by three persistent weight-gradient
+    programs (so each program reuses its scratch), several forward splits, and a partial last
+    block on every axis. fp32 accumulates the weight gradient in place, bf16 in the scratch."""
+    kern = poisoned
+    hidden, weight, targets = make_case(37, 300, 40, dtype, seed=11, peaked=True)
+    tgt = torch.where(targets == -100, -1, targets)
+    g = torch.Generator().manual_seed(12)
+    g_logp, g_ent = torch.randn(37, generator=g), torch.randn(37, generator=g)
+    config = dict(block_t=16, block_v=32, block_d=16, programs=3)
+    logp, ent, lse, mean_z = kern.token_logp_forward(hidden, weight, tgt, 30.0, 0.8, True,
+                                                     config=config)
+    grad_h, grad_w = kern.token_logp_backward(hidden, weight, tgt, lse, mean_z, g_logp, g_ent,
+                                              30.0, 0.8, True, True, config=config)
+    ref = reference_grads(hidden, weight, targets, 30.0, 0.8, g_logp, g_ent)
+    plain_h = hidden.clone().requires_grad_()
+    plain_w = weight.clone().requires_grad_()
+    plain_lp, plain_ent = linear_log_probs_reference(plain_h, plain_w, targets, 30.0, 0.8,
+                                                     return_entropy=True, upcast=False)
+    ((plain_lp * g_logp).sum() + (plain_ent * g_ent).sum()).backward()
+    plain = (plain_lp, plain_ent, plain_h.grad, plain_w.grad)
+    outs = (logp, ent, grad_h, grad_w)
+    for name, out, r, p in zip(("logp", "entropy", "grad hidden", "grad weight"), outs, ref,
+                               plain):
+        assert_three_way(out, r, p, name, tol=TOLERANCE[dtype])
+    assert grad_h.dtype == grad_w.dtype == dtype
+    assert logp[1] == 0 and ent[1] == 0 and (grad_h[1] == 0).all()
+
+
+def test_triton_backward_is_deterministic_and_split_independent(monkeypatch):
+    """Same inputs, same bits; summing grad_hidden over one or several vocabulary splits
+    agrees to fp32 rounding."""
+    from r2ec_fast.kernels import token_logp as kern
+
+    hidden, weight, targets = make_case(20, 150, 24, seed=13)
+    g_logp = torch.randn(20, generator=torch.Generator().manual_seed(14))
+
+    def grads():
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        (linear_log_probs(h, w, targets, 30.0, 1.5, backend="triton") * g_logp).sum().backward()
+        return h.grad, w.grad
+
+    first, second = grads(), grads()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    monkeypatch.setattr(kern, "SPLIT_PARTIAL_BYTES", 1)  # one split: no partial sums
+    single = grads()
+    assert rel_error(single[0], first[0]) < 1e-6 and torch.equal(single[1], first[1])
+
+
+def test_triton_frozen_weight_launches_no_weight_kernel(monkeypatch):
+    from r2ec_fast.kernels import token_logp as kern
+
+    class Forbidden:
+        def __getitem__(self, grid):
+            raise AssertionError("the weight-gradient kernel ran for a frozen weight")
+
+    monkeypatch.setattr(kern, "_token_logp_bwd_weight_kernel", Forbidden())
+    hidden, weight, targets = make_case(9, 70, 16, seed=15)
+    h = hidden.clone().requires_grad_()
+    logp, ent = linear_log_probs(h, weight, targets, None, 1.0, return_entropy=True,
+                                 backend="triton")
+    (logp.sum() + ent.sum()).backward()
+    g = torch.ones(9)
+    ref = reference_grads(hidden, weight, targets, None, 1.0, g, g)
+    assert weight.grad is None and rel_error(h.grad, ref[2]) < 1e-5
+
+
+@pytest.mark.parametrize("h_dtype,w_dtype", [(F32, BF16), (torch.float16, torch.float16),
+                                             (BF16, torch.float16)], ids=str)
+def test_triton_mixed_dtypes_and_strided_inputs(h_dtype, w_dtype):
+    """fp32 hidden against a 16-bit head (exact fp32 dots), fp16, a bf16/fp16 mix; hidden and
+    weight both non-contiguous."""
+    hidden, weight, targets = make_case(19, 45, 40, seed=16)
+    hidden = hidden.to(h_dtype).T.contiguous().T  # column-major [T, d]
+    weight = torch.cat([weight, weight], 1).to(w_dtype)[:, ::2]  # stride 2 along d
+    g = torch.Generator().manual_seed(17)
+    g_logp, g_ent = torch.randn(19, generator=g), torch.randn(19, generator=g)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp, ent = linear_log_probs(h, w, targets, 30.0, 1.2, return_entropy=True, backend="triton")
+    ((lp * g_logp).sum() + (ent * g_ent).sum()).backward()
+    ref = reference_grads(hidden, weight, targets, 30.0, 1.2, g_logp, g_ent)
+    ph, pw = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    plp, pent = linear_log_probs_reference(ph, pw, targets, 30.0, 1.2, return_entropy=True,
+                                           upcast=False)
+    ((plp * g_logp).sum() + (pent * g_ent).sum()).backward()
+    tol = TOLERANCE[torch.float32 if F32 in (h_dtype, w_dtype) else BF16]
+    for name, out, r, p in zip(("logp", "entropy", "grad hidden", "grad weight"),
+                               (lp, ent, h.grad, w.grad), ref, (plp, pent, ph.grad, pw.grad)):
+        assert_three_way(out, r, p, name, tol=tol)
+    assert h.grad.dtype == h_dtype and w.grad.dtype == w_dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("n_tokens", [37, 700])
+def test_gpu_triton_matches_float64(dtype, n_tokens):
+    """On a real GPU: compiled kernels at Gemma-2's d and softcap, a vocabulary that is not a
+    multiple of any block, short (split vocabulary) and long (token blocks) sequences."""
+    hidden, weight, targets = make_case(n_tokens, 50021, 2304, dtype, seed=n_tokens, peaked=True)
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(18)
+    g_logp, g_ent = torch.randn(n_tokens, generator=g), torch.randn(n_tokens, generator=g)
+    h = hidden.to(dev).requires_grad_()
+    w = weight.to(dev).requires_grad_()
+    lp, ent = linear_log_probs(h, w, targets.to(dev), 30.0, 0.9, return_entropy=True,
+                               backend="triton")
+    ((lp * g_logp.to(dev)).sum() + (ent * g_ent.to(dev)).sum()).backward()
+    ref = [r.cpu() for r in reference_grads(hidden.to(dev), weight.to(dev), targets.to(dev),
+                                            30.0, 0.9, g_logp.to(dev), g_ent.to(dev))]
+    ph, pw = hidden.to(dev).requires_grad_(), weight.to(dev).requires_grad_()
+    plp, pent = linear_log_probs_reference(ph, pw, targets.to(dev), 30.0, 0.9,
+                                           return_entropy=True, upcast=False)
+    ((plp * g_logp.to(dev)).sum() + (pent * g_ent.to(dev)).sum()).backward()
+    for name, out, r, p in zip(("logp", "entropy", "grad hidden", "grad weight"),
+                               (lp, ent, h.grad, w.grad), ref, (plp, pent, ph.grad, pw.grad)):
+        assert_three_way(out.cpu(), r, p.cpu(), name, tol=TOLERANCE[dtype])
