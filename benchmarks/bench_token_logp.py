@@ -5,10 +5,15 @@ Per shape, two groups, each against its own plain baseline:
   softcap and temperature, log_softmax, gather (`linear_log_probs_reference(upcast=False)`).
 - fwd+bwd: the same with the gradient of sum(g * logp) w.r.t. hidden and weight (random
   per-token g, the RL case).
-Peers where installed: `torch.nn.functional.linear_cross_entropy` (reduction "none"; it has
-no softcap or temperature, so with a softcap it computes another function and gets no error
-column). Liger-Kernel and Cut Cross-Entropy rows and our Triton rows come with the Triton
-kernels (issue 3).
+Ours: `linear_log_probs` with backend "torch" everywhere and "triton" on CUDA.
+Peers where installed (all at temperature 1, which is what the cases use):
+- `torch.nn.functional.linear_cross_entropy` (reduction "none"): no softcap, so with a softcap
+  it computes another function and gets no error column;
+- Liger-Kernel's fused linear cross-entropy (reduction "none", softcap) and its chunked GRPO
+  loss (a loss, not log-probabilities: time and memory only);
+- Cut Cross-Entropy's `linear_cross_entropy` (reduction "none", softcap).
+On CUDA a "GEMM" row times hidden @ weight.T alone: the four-GEMM floor of fwd+bwd (logits,
+their recomputation, grad hidden, grad weight) is 4x its time.
 
 Formulas: bytes = Vocab * d * element size (the weight read once); flops = 2TVd for fwd,
 6TVd for fwd+bwd (logits, grad hidden, grad weight; ours recomputes the logits: 8TVd of work).
@@ -27,6 +32,9 @@ REF_ROWS = 64
 ACCEPTANCE = (4096, 256, 65536, 30.0, torch.float32)  # CPU shape with memory and time targets
 ACCEPT_MEMORY_FRACTION = 1 / 8
 ACCEPT_TIME_RATIO = 1.5
+GPU_ACCEPTANCE = (8192, 2304, 256000, 30.0, torch.bfloat16)  # Gemma-2-2B, T = 8192
+GPU_MEMORY_OVER_GRADS = 1.2  # peak beyond inputs / bytes of grad hidden + grad weight
+GPU_TIME_OVER_FLOOR = 1.4  # fwd+bwd time / four GEMMs at the measured rate
 GEMMA2, QWEN25 = (2304, 256000, 30.0), (2048, 151936, None)  # d, vocabulary, softcap
 
 
@@ -36,7 +44,9 @@ def _shapes(device: str, mode: str):
         return [(16, 32, 500, 30.0, torch.float32)]
     if device == "cuda":
         ts = (1024,) if mode == "quick" else (1024, 8192)
-        return [(t, d, v, cap, torch.bfloat16) for (d, v, cap) in (GEMMA2, QWEN25) for t in ts]
+        shapes = [(t, d, v, cap, torch.bfloat16) for (d, v, cap) in (GEMMA2, QWEN25) for t in ts]
+        # the acceptance case (last: an OOM there loses no other case) is in every GPU mode
+        return [s for s in shapes if s != GPU_ACCEPTANCE] + [GPU_ACCEPTANCE]
     quick = [(512, 256, 16384, 30.0, torch.float32)]
     return quick if mode == "quick" else quick + [ACCEPTANCE]
 
@@ -51,12 +61,12 @@ def make_inputs(t, d, v, dtype, seed, device):
             "grad": grad}
 
 
-def _ours(softcap, backward: bool):
+def _ours(backend, softcap, backward: bool):
     def run(x):
         with torch.set_grad_enabled(backward):
             h = x["hidden"].detach().requires_grad_(backward)
             w = x["weight"].detach().requires_grad_(backward)
-            logp = linear_log_probs(h, w, x["targets"], softcap, backend="torch")
+            logp = linear_log_probs(h, w, x["targets"], softcap, backend=backend)
             if not backward:
                 return {"logp": logp}
             (logp * x["grad"]).sum().backward()
@@ -95,17 +105,81 @@ def _torch_linear_ce(softcap, backward: bool):
     return run
 
 
+def _gemm(x):
+    torch.matmul(x["hidden"], x["weight"].T)
+    return {}
+
+
+def _peer_logp(name, softcap, backward: bool):
+    """Log-probabilities from a peer's fused linear cross-entropy (reduction "none")."""
+    def run(x):
+        if name == "liger":
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as ce
+        else:
+            from cut_cross_entropy import linear_cross_entropy as ce
+        with torch.set_grad_enabled(backward):
+            h = x["hidden"].detach().requires_grad_(backward)
+            w = x["weight"].detach().requires_grad_(backward)
+            loss = ce(h, w, x["targets"], softcap=softcap, reduction="none")
+            logp = -(loss[0] if isinstance(loss, tuple) else loss)  # some versions add z-loss
+            if not backward:
+                return {"logp": logp}
+            (logp.float() * x["grad"]).sum().backward()
+        return {"logp": logp.detach(), "grad_hidden": h.grad, "grad_weight": w.grad}
+    return run
+
+
+def _liger_grpo(x):
+    """Liger's chunked GRPO loss on one sequence of T tokens, on-policy, no reference model."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    h = x["hidden"].detach().requires_grad_()
+    w = x["weight"].detach().requires_grad_()
+    mask = torch.ones_like(x["targets"])[None]
+    out = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False)(
+        h[None], w, x["targets"][None], mask, x["grad"][:1])
+    (out[0] if isinstance(out, tuple) else out).backward()
+    return {}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _impls(t, d, v, softcap):
     fwd, fwd_bwd = 2.0 * t * v * d, 6.0 * t * v * d
     impls = [
         Impl("plain fwd", _plain(softcap, False), fwd,
              about="logits, softcap/temperature, log_softmax, gather"),
-        Impl("torch fwd", _ours(softcap, False), fwd, baseline="plain fwd",
+        Impl("torch fwd", _ours("torch", softcap, False), fwd, baseline="plain fwd",
              about="linear_log_probs(backend='torch')"),
+        Impl("triton fwd", _ours("triton", softcap, False), fwd, baseline="plain fwd",
+             needs_cuda=True, about="linear_log_probs(backend='triton')"),
         Impl("plain fwd+bwd", _plain(softcap, True), fwd_bwd, about="autograd through plain"),
-        Impl("torch fwd+bwd", _ours(softcap, True), fwd_bwd, baseline="plain fwd+bwd",
+        Impl("torch fwd+bwd", _ours("torch", softcap, True), fwd_bwd, baseline="plain fwd+bwd",
              about="linear_log_probs(backend='torch') + grads of hidden and weight"),
+        Impl("triton fwd+bwd", _ours("triton", softcap, True), fwd_bwd,
+             baseline="plain fwd+bwd", needs_cuda=True,
+             about="linear_log_probs(backend='triton') + grads of hidden and weight"),
+        Impl("GEMM", _gemm, 2.0 * t * v * d, needs_cuda=True,
+             about="hidden @ weight.T alone (cuBLAS): the matmul rate of the four-GEMM floor"),
     ]
+    for module, label in (("liger_kernel", "liger"), ("cut_cross_entropy", "cce")):
+        if _installed(module):
+            about = f"{module} fused linear cross-entropy, reduction='none', softcap"
+            impls += [Impl(f"{label} fwd", _peer_logp(label, softcap, False), fwd,
+                           baseline="plain fwd", about=about),
+                      Impl(f"{label} fwd+bwd", _peer_logp(label, softcap, True), fwd_bwd,
+                           baseline="plain fwd+bwd", about=about)]
+    if _installed("liger_kernel"):
+        impls.append(Impl("liger GRPO fwd+bwd", _liger_grpo, fwd_bwd, baseline="plain fwd+bwd",
+                          about="LigerFusedLinearGRPOLoss, beta 0, on-policy (no softcap: "
+                                "another function, a loss: no error column)"))
     if hasattr(F, "linear_cross_entropy"):
         about = "torch.nn.functional.linear_cross_entropy(reduction='none')" + (
             "" if softcap is None else ", which has no softcap: another function, no error")
@@ -159,6 +233,27 @@ def _acceptance(results: dict[str, dict]) -> list[dict]:
     ]
 
 
+def _gpu_acceptance(t, d, v, dtype):
+    grad_mib = (t + v) * d * torch.empty(0, dtype=dtype).element_size() / 2**20
+
+    def checks(results: dict[str, dict]) -> list[dict]:
+        peak = results.get("triton fwd+bwd", {}).get("memory", {}).get("added_mib")
+        t_ours = results.get("triton fwd+bwd", {}).get("time_ms", {}).get("median")
+        t_gemm = results.get("GEMM", {}).get("time_ms", {}).get("median")
+        floor = 4 * t_gemm if t_gemm else None
+        return [
+            {"name": f"triton fwd+bwd peak memory <= {GPU_MEMORY_OVER_GRADS}x the gradients'",
+             "passed": None if peak is None else peak <= GPU_MEMORY_OVER_GRADS * grad_mib,
+             "value": "not measured" if peak is None else
+             f"{peak:.0f} MiB vs {grad_mib:.0f} MiB of gradients = {peak / grad_mib:.2f}x"},
+            {"name": f"triton fwd+bwd time <= {GPU_TIME_OVER_FLOOR}x four GEMMs",
+             "passed": None if not (t_ours and floor) else t_ours <= GPU_TIME_OVER_FLOOR * floor,
+             "value": "not measured" if not (t_ours and floor) else
+             f"{t_ours:.1f} ms vs 4 x {t_gemm:.1f} ms = {t_ours / floor:.2f}x"},
+        ]
+    return checks
+
+
 def _case(t, d, v, softcap, dtype, seed) -> Case:
     return Case(
         key=f"T={t} d={d} V={v} softcap={softcap} {str(dtype).replace('torch.', '')}",
@@ -169,7 +264,9 @@ def _case(t, d, v, softcap, dtype, seed) -> Case:
         reference=_reference(softcap),
         errors=_errors,
         impls=_impls(t, d, v, softcap),
-        checks=_acceptance if (t, d, v, softcap, dtype) == ACCEPTANCE else None,
+        checks=(_acceptance if (t, d, v, softcap, dtype) == ACCEPTANCE else
+                _gpu_acceptance(t, d, v, dtype) if (t, d, v, softcap, dtype) == GPU_ACCEPTANCE
+                else None),
     )
 
 
