@@ -23,6 +23,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
         "$vpy" -m pip install -q "triton==3.6.*"
     fi
     "$vpy" -m pip install -q "numpy<2.4"
-    "$vpy" -m pip install -q -e ".[test]"
+    "$vpy" -m pip install -q -e ".[test,data]"
     touch "$stamp"
 fi
