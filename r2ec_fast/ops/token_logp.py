@@ -14,6 +14,7 @@ Implementations (DESIGN §3):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -181,44 +182,117 @@ def _torch_backward(hidden, weight, tgt, valid, lse, mean_z, g_logp, g_ent, soft
             grad_w.to(weight.dtype) if need_w else None)
 
 
+def _forward_impl(hidden, weight, targets, softcap, temperature, ignore_index, want_entropy,
+                  backend):
+    """(logp, entropy, lse, mean_z) [T] fp32; entropy and mean_z are zeros / lse when not
+    wanted."""
+    valid = targets != ignore_index
+    if backend == "triton":
+        from r2ec_fast.kernels import token_logp as kern
+
+        tgt = torch.where(valid, targets, -1).long().contiguous()
+        logp, entropy, lse, mean_z = kern.token_logp_forward(hidden, weight, tgt, softcap,
+                                                             temperature, want_entropy)
+        if entropy is None:
+            entropy, mean_z = torch.zeros_like(lse), lse.clone()
+        return logp, entropy, lse, mean_z
+    tgt = torch.where(valid, targets, 0).long()
+    return _torch_forward(hidden, weight, tgt, valid, softcap, temperature, want_entropy)
+
+
+def _backward_impl(g_logp, g_ent, hidden, weight, targets, lse, mean_z, softcap, temperature,
+                   ignore_index, backend, need_h, need_w):
+    """(grad hidden, grad weight) in the inputs' dtypes; [0]-shaped when not needed. `g_ent`
+    None: no entropy term."""
+    valid = targets != ignore_index
+    g_logp = g_logp.float().contiguous()
+    g_ent = None if g_ent is None else g_ent.float().contiguous()
+    if backend == "triton":
+        from r2ec_fast.kernels import token_logp as kern
+
+        tgt = torch.where(valid, targets, -1).long().contiguous()
+        grad_h, grad_w = kern.token_logp_backward(hidden, weight, tgt, lse, mean_z, g_logp,
+                                                  g_ent, softcap, temperature, need_h, need_w)
+    else:
+        tgt = torch.where(valid, targets, 0).long()
+        grad_h, grad_w = _torch_backward(hidden, weight, tgt, valid, lse, mean_z, g_logp, g_ent,
+                                         softcap, temperature, need_h, need_w)
+    return (grad_h if need_h else hidden.new_empty(0),
+            grad_w if need_w else weight.new_empty(0))
+
+
+# torch.compile: the two passes are custom ops, so each stays one node of the graph (Dynamo
+# cannot trace a Triton launcher or the chunk loop); eager calls use the autograd Function
+# below, because the dispatcher's first call imports torch._dynamo (1.6 s, 120 MiB; see
+# ops/catalog.py).
+@torch.library.custom_op("r2ec_fast::linear_log_probs", mutates_args=())
+def linear_log_probs_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        softcap: Optional[float], temperature: float, ignore_index: int,
+                        want_entropy: bool, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_impl(hidden, weight, targets, softcap, temperature, ignore_index,
+                         want_entropy, backend)
+
+
+@linear_log_probs_op.register_fake
+def _(hidden, weight, targets, softcap, temperature, ignore_index, want_entropy, backend):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(4))
+
+
+@torch.library.custom_op("r2ec_fast::linear_log_probs_backward", mutates_args=())
+def linear_log_probs_backward(g_logp: torch.Tensor, g_ent: Optional[torch.Tensor],
+                              hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              lse: torch.Tensor, mean_z: torch.Tensor, softcap: Optional[float],
+                              temperature: float, ignore_index: int, backend: str,
+                              need_h: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward_impl(g_logp, g_ent, hidden, weight, targets, lse, mean_z, softcap,
+                          temperature, ignore_index, backend, need_h, need_w)
+
+
+@linear_log_probs_backward.register_fake
+def _(g_logp, g_ent, hidden, weight, targets, lse, mean_z, softcap, temperature, ignore_index,
+      backend, need_h, need_w):
+    return (hidden.new_empty(hidden.shape if need_h else (0,)),
+            weight.new_empty(weight.shape if need_w else (0,)))
+
+
+def _setup(ctx, inputs, output):
+    hidden, weight, targets, softcap, temperature, ignore_index, want_entropy, backend = inputs
+    ctx.save_for_backward(hidden, weight, targets, output[2], output[3])
+    ctx.args = (softcap, temperature, ignore_index, want_entropy, backend)
+    ctx.mark_non_differentiable(output[2], output[3])
+
+
+def _grads(ctx, g_logp, g_ent, backward):
+    hidden, weight, targets, lse, mean_z = ctx.saved_tensors
+    softcap, temperature, ignore_index, want_entropy, backend = ctx.args
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    g_logp = torch.zeros_like(lse) if g_logp is None else g_logp
+    g_ent = g_ent if want_entropy else None
+    grad_h, grad_w = backward(g_logp, g_ent, hidden, weight, targets, lse, mean_z, softcap,
+                              temperature, ignore_index, backend, need_h, need_w)
+    return (grad_h if need_h else None, grad_w if need_w else None) + (None,) * 6
+
+
+linear_log_probs_op.register_autograd(
+    lambda ctx, g_logp, g_ent, g_lse, g_mean_z: _grads(ctx, g_logp, g_ent,
+                                                       linear_log_probs_backward),
+    setup_context=_setup)
+
+
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, temperature, ignore_index, want_entropy,
                 backend):
-        valid = targets != ignore_index
-        if backend == "triton":
-            from r2ec_fast.kernels import token_logp as kern
-
-            tgt = torch.where(valid, targets, -1).long().contiguous()
-            logp, entropy, lse, mean_z = kern.token_logp_forward(
-                hidden, weight, tgt, softcap, temperature, want_entropy)
-            if entropy is None:
-                entropy, mean_z = torch.zeros_like(lse), lse
-        else:
-            tgt = torch.where(valid, targets, 0).long()
-            logp, entropy, lse, mean_z = _torch_forward(hidden, weight, tgt, valid, softcap,
-                                                        temperature, want_entropy)
-        ctx.save_for_backward(hidden, weight, tgt, valid, lse, mean_z)
-        ctx.args = (softcap, temperature, want_entropy, backend)
-        return logp, entropy
+        out = _forward_impl(hidden, weight, targets, softcap, temperature, ignore_index,
+                            want_entropy, backend)
+        _setup(ctx, (hidden, weight, targets, softcap, temperature, ignore_index, want_entropy,
+                     backend), out)
+        return out
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, tgt, valid, lse, mean_z = ctx.saved_tensors
-        softcap, temperature, want_entropy, backend = ctx.args
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
-        g_ent = None if (g_ent is None or not want_entropy) else g_ent.float().contiguous()
-        if backend == "triton":
-            from r2ec_fast.kernels import token_logp as kern
-
-            grad_h, grad_w = kern.token_logp_backward(
-                hidden, weight, tgt, lse, mean_z, g_logp, g_ent, softcap, temperature, need_h,
-                need_w)
-        else:
-            grad_h, grad_w = _torch_backward(hidden, weight, tgt, valid, lse, mean_z, g_logp,
-                                             g_ent, softcap, temperature, need_h, need_w)
-        return grad_h, grad_w, None, None, None, None, None, None
+    def backward(ctx, g_logp, g_ent, g_lse, g_mean_z):
+        return _grads(ctx, g_logp, g_ent, _backward_impl)
 
 
 def linear_log_probs(hidden, weight, targets, softcap=None, temperature=1.0,
@@ -234,8 +308,10 @@ def linear_log_probs(hidden, weight, targets, softcap=None, temperature=1.0,
         out = linear_log_probs_reference(hidden, weight, targets, softcap, temperature,
                                          ignore_index, return_entropy, upcast=False)
         return tuple(o.float() for o in out) if return_entropy else out.float()
-    logp, entropy = _LinearLogProbs.apply(hidden, weight, targets, softcap, float(temperature),
-                                          ignore_index, return_entropy, backend)
+    apply = linear_log_probs_op if torch.compiler.is_compiling() else _LinearLogProbs.apply
+    logp, entropy, _, _ = apply(hidden, weight, targets,
+                                None if softcap is None else float(softcap), float(temperature),
+                                int(ignore_index), bool(return_entropy), backend)
     return (logp, entropy) if return_entropy else logp
 
 
