@@ -8,7 +8,7 @@ from pathlib import Path
 
 def _run_synth_data(args: argparse.Namespace) -> int:
     from r2ec_fast.commands.prepare_data import summary_lines
-    from r2ec_fast.data.amazon import save_with_progress
+    from r2ec_fast.data.dataset import save_with_progress
     from r2ec_fast.data.synthetic import baselines, make_synthetic
 
     try:

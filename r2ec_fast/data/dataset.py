@@ -12,6 +12,7 @@ of the first problem; nothing half-loaded is ever returned.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,3 +285,17 @@ def split_from_rows(rows: list[dict]) -> Split:
         rating=np.asarray([row["rating"] for row in rows], dtype=np.float32),
         timestamp=np.asarray([row["timestamp"] for row in rows], dtype=np.int64),
         interaction_id=np.asarray([row["interaction_id"] for row in rows], dtype=np.int64))
+
+
+def save_with_progress(data: RecDataset, out_dir, progress: bool = True):
+    """`save_dataset`, with the `datasets` library's per-split progress bars shown only when
+    `progress` (its global switch is put back afterwards)."""
+    import datasets
+
+    quiet = contextlib.nullcontext()
+    if not progress and not datasets.are_progress_bars_disabled():
+        quiet = contextlib.ExitStack()
+        datasets.disable_progress_bars()
+        quiet.callback(datasets.enable_progress_bars)
+    with quiet:
+        return save_dataset(data, out_dir)

@@ -49,7 +49,7 @@ from collections import Counter
 
 import numpy as np
 
-from r2ec_fast.data.amazon import SPLIT_FRACTIONS, build_splits
+from r2ec_fast.data.splits import SPLIT_FRACTIONS, build_splits
 from r2ec_fast.data.dataset import ItemCatalog, RecDataset
 
 CATEGORY = "Synthetic Goods"
