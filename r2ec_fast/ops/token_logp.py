@@ -347,18 +347,25 @@ def recpo_token_loss(hidden, weight, targets, advantages, loss_mask, old_logp=No
                            return_entropy=return_entropy, backend=backend)
     logp, entropy = out if return_entropy else (out, None)
     mask = loss_mask.to(torch.float32)
-    old = logp.detach() if old_logp is None else old_logp.float()
-    adv = advantages.float()
-    ratio = torch.exp(logp - old)
-    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
-    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    old = logp.detach() if old_logp is None else old_logp
+    per_token, took_clip, ratio = clipped_objective(logp, old, advantages, eps_low, eps_high)
     count = mask.sum().clamp_min(1.0)
     loss = (per_token * mask).sum() / count
     if normalize == "reference":
         loss = loss / batch_size
     with torch.no_grad():
-        took_clip = (clipped * adv < ratio * adv).float()
-        stats = TokenLoss(loss, (ratio * mask).sum() / count, (took_clip * mask).sum() / count)
+        stats = TokenLoss(loss, (ratio * mask).sum() / count,
+                          (took_clip.float() * mask).sum() / count)
         if entropy is not None:
             stats.entropy = (entropy * mask).sum() / count
     return stats
+
+
+def clipped_objective(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                      eps_low: float = 0.2, eps_high: float = 0.28):
+    """Per-element PPO loss -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) with
+    r = exp(logp - old_logp); also whether the clipped branch was taken, and r (detached)."""
+    ratio = torch.exp(logp.float() - old_logp.float())
+    adv = advantages.float()
+    unclipped, clipped = ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped).detach(), ratio.detach()
