@@ -1,4 +1,5 @@
-"""The `r2ec-fast` command line: one subcommand per task (bench now; train, eval, ... later).
+"""The `r2ec-fast` command line: one subcommand per task (bench, prepare-data, synth-data,
+make-tiny-model; train, eval, ... later).
 
 Each subcommand is an `add_<name>(subparsers)` that defines its arguments and sets `func`, a
 function of the parsed arguments returning the exit status. Subcommands import their layer
@@ -87,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="r2ec-fast: a kernel-optimised training engine for R2ec recommenders.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_bench(subparsers)
+    from r2ec_fast.commands.make_tiny_model import add_make_tiny_model
+    from r2ec_fast.commands.prepare_data import add_prepare_data
+    from r2ec_fast.commands.synth_data import add_synth_data
+
+    add_synth_data(subparsers)
+    add_prepare_data(subparsers)
+    add_make_tiny_model(subparsers)
     return parser
 
 

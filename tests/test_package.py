@@ -19,8 +19,15 @@ def test_kernels_only_under_the_package(tmp_path):
     assert ok.stdout.strip() == "r2ec_fast.kernels.catalog"
     outside = run_python("import kernels", tmp_path)  # installed: the bare name does not exist
     assert outside.returncode != 0 and "ModuleNotFoundError" in outside.stderr
-    inside = run_python("import kernels", ROOT)  # from the checkout: refused with a pointer
+    # from the checkout root the folder is found under the bare name: an inert module (probes
+    # such as transformers' is_kernels_available import it), with no submodules and a pointer
+    inside = run_python("import kernels; kernels.catalog", ROOT)
     assert inside.returncode != 0 and "r2ec_fast.kernels" in inside.stderr
+    sub = run_python("import kernels.catalog", ROOT)
+    assert sub.returncode != 0 and "No module named 'kernels.catalog'" in sub.stderr
+    probe = run_python("from transformers.utils import is_kernels_available as a; "
+                       "import transformers.activations; print(a())", ROOT)
+    assert probe.returncode == 0 and probe.stdout.strip() == "False", probe.stderr
 
 
 def test_layers_exist():

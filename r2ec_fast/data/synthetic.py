@@ -10,7 +10,11 @@ floor(n/GA) or ceil(n/GA) items (cell = genre * A + attribute). Each item has a 
 made-up name (syllables) and this text:
   title        "<Attribute> <genre noun>: <Name>"                 e.g. "Teal Tent: Ravenel"
   description  ["A <attribute> <genre noun> for <genre> lovers.",
-                "<Name> comes in <attribute> and is made for <genre>.", <one filler sentence>]
+                "<Name> comes in <attribute> and is made for <genre>.", <F filler sentences>]
+               F = 0 with probability 0.4, else uniform in 1..14: like a real catalog, where
+               many items have little description and others reach the prompt's 100-word
+               cut, the prompts' lengths vary (70-180 tokens with the tiny tokenizer), which
+               is what batching by token budget is for
   categories   "<Genre>"
 so the genre and the attribute are written out in the title, the description and categories.
 
@@ -37,9 +41,9 @@ temporal 80/10/10 over samples. ``meta["rule_fraction"]`` is the share of sample
 target followed the rule, about the ceiling of any predictor.
 
 Baselines (`baselines`, test split, k=10), measured for ``--items 2000 --users 2000 --seed 0``
-(cells of 10-11 items; 25,112 samples, 2,511 in test; rule_fraction 0.792):
-  popularity (most frequent train targets not in the history)  Hit@10 0.0076  NDCG@10 0.0030
-  the rule applied to the history text (no target)             Hit@10 0.7654  NDCG@10 0.4043
+(cells of 10-11 items; 25,012 samples, 2,501 in test; rule_fraction 0.790):
+  popularity (most frequent train targets not in the history)  Hit@10 0.0104  NDCG@10 0.0044
+  the rule applied to the history text (no target)             Hit@10 0.7833  NDCG@10 0.4252
 The rule's NDCG is lower than its Hit because the process picks uniformly inside the cell.
 """
 from __future__ import annotations
@@ -120,15 +124,17 @@ def _names(rng: np.random.Generator, n: int) -> list[str]:
 def _catalog_text(rng, genre: np.ndarray, attribute: np.ndarray) -> tuple[list, list, list]:
     """Titles, descriptions and categories of items 1..n (row 0: padding)."""
     n = len(genre) - 1
-    names, fillers = _names(rng, n), rng.integers(0, len(FILLERS), n + 1)
+    names = _names(rng, n)
+    counts = np.where(rng.random(n + 1) < 0.4, 0, rng.integers(1, 15, n + 1))
     title, description, category = [""], [""], [""]
     for i in range(1, n + 1):
         (g_name, noun), attr = GENRES[genre[i]], ATTRIBUTES[attribute[i]]
         name = names[i - 1]
         title.append(f"{attr} {noun.title()}: {name}")
+        fillers = [FILLERS[f] for f in rng.integers(0, len(FILLERS), counts[i]).tolist()]
         description.append("\n".join([f"A {attr.lower()} {noun} for {g_name.lower()} lovers.",
                                       f"{name} comes in {attr.lower()} and is made for "
-                                      f"{g_name.lower()}.", FILLERS[fillers[i]]]))
+                                      f"{g_name.lower()}.", *fillers]))
         category.append(g_name)
     return title, description, category
 

@@ -1,11 +1,15 @@
 """`ItemTable`: the rec head H_V, one row per item, as the trainer holds it (DESIGN §4.1)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
 SIMILARITIES = ("cosine", "dot")
 TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FILE_FORMAT = "r2ec_fast.ItemTable"  # safetensors metadata "format" of a saved table
+FILE_VERSION = "1"  # one tensor "weight" [V, d]; later versions may add quantisation scales
 
 
 class ItemTable:
@@ -87,3 +91,52 @@ class ItemTable:
         keep = last[ids.long()] == order
         self.weight[ids[keep].long()] = self._prepare(hidden.detach()[keep.to(hidden.device)]
                                                       .to(self.device), self.dtype)
+
+    # ------------------------------------------------------------------------- files
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table as a safetensors file: tensor "weight" [V, d] exactly as held (cosine
+        rows already normalised), similarity and format version in the file's metadata."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        metadata = {"format": FILE_FORMAT, "version": FILE_VERSION,
+                    "similarity": self.similarity, "dtype": str(self.dtype).replace("torch.", ""),
+                    "num_items": str(self.num_items), "dim": str(self.dim)}
+        save_file({"weight": self.weight.detach().contiguous().cpu()}, str(path),
+                  metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str | None = None) -> "ItemTable":
+        """Read a table written by `save`, bit for bit (rows are not normalised again), onto
+        `device` (default CPU). Raises ValueError for a file that is not such a table."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no item table file at {path}")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                names = list(f.keys())
+                if metadata.get("format") != FILE_FORMAT or names != ["weight"]:
+                    raise ValueError(f"{path} is not an ItemTable file (safetensors metadata "
+                                     f"format={metadata.get('format')!r}, tensors {names}); "
+                                     "write one with ItemTable.save")
+                weight = f.get_tensor("weight")
+        except SafetensorError as exc:
+            raise ValueError(f"{path} is not a safetensors file ({exc}); an ItemTable file is "
+                             "written by ItemTable.save") from exc
+        if metadata.get("version") != FILE_VERSION:
+            raise ValueError(f"{path} is an ItemTable file of format version "
+                             f"{metadata.get('version')!r}; this r2ec-fast reads version "
+                             f"{FILE_VERSION}")
+        similarity = metadata.get("similarity")
+        if similarity not in SIMILARITIES or weight.dtype not in TABLE_DTYPES or weight.dim() != 2:
+            raise ValueError(f"{path}: corrupt ItemTable file (similarity {similarity!r}, "
+                             f"weight {weight.dtype} of shape {tuple(weight.shape)})")
+        table = cls.__new__(cls)  # the rows are stored prepared: skip __init__'s normalisation
+        table.similarity = similarity
+        table.weight = weight.to(device) if device is not None else weight
+        return table
