@@ -5,7 +5,7 @@ Order: explicit ``backend=`` argument > environment variable ``R2EC_BACKEND`` > 
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -18,13 +18,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=1)
+# looked up once, without importing triton (a plain constant also traces under torch.compile)
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_AVAILABLE
 
 
 def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
