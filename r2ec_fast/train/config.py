@@ -1,0 +1,307 @@
+"""Training configuration: nested dataclasses validated up front, presets, `--set` overrides.
+
+`TrainConfig.from_dict` / `apply_overrides` reject unknown keys and bad values with a message
+that names the key (`rollout.group_size must be >= 1, got 0`). Presets are functions:
+`tiny` (CPU, synthetic data, a tiny model, minutes), `gemma2-2b` and `qwen2.5-3b` (the
+paper's settings, for CUDA). Defaults are the reference trainer's (DESIGN §5).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+def _require(ok: bool, key: str, message: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/synth"  # a DatasetDict folder (r2ec-fast synth-data / prepare-data)
+    # when `path` does not exist and synth_items > 0, build synthetic data there first
+    synth_items: int = 0
+    synth_users: int = 0
+    synth_seed: int = 0
+    eval_split: str = "valid"
+    eval_users: int = 0  # 0: every row of the split
+    history_window: int = 20
+
+    def validate(self, p: str = "data") -> None:
+        _require(bool(self.path), f"{p}.path", "must be a folder", self.path)
+        _require(self.synth_items >= 0 and self.synth_users >= 0, f"{p}.synth_items/users",
+                 "must be >= 0", (self.synth_items, self.synth_users))
+        _require(self.eval_split in ("train", "valid", "test"), f"{p}.eval_split",
+                 "must be train, valid or test", self.eval_split)
+        _require(self.eval_users >= 0, f"{p}.eval_users", "must be >= 0", self.eval_users)
+        _require(self.history_window >= 1, f"{p}.history_window", "must be >= 1",
+                 self.history_window)
+
+
+@dataclass
+class ModelConfig:
+    path: str = "models/tiny-gemma2"  # a local HF folder
+    tiny_arch: str = ""  # when set and `path` does not exist: make-tiny-model there first
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    lora_r: int = 0  # 0: train every weight; > 0: LoRA through peft (reference: r 4)
+    lora_alpha: int = 128
+    gradient_checkpointing: bool = False
+    attn_implementation: str = ""  # "" = the model's default
+
+    def validate(self, p: str = "model") -> None:
+        _require(bool(self.path), f"{p}.path", "must be a folder", self.path)
+        _require(self.tiny_arch in ("", "gemma2", "qwen2"), f"{p}.tiny_arch",
+                 "must be '', gemma2 or qwen2", self.tiny_arch)
+        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"{p}.dtype",
+                 "must be auto, float32, bfloat16 or float16", self.dtype)
+        _require(self.lora_r >= 0, f"{p}.lora_r", "must be >= 0", self.lora_r)
+        _require(self.lora_alpha > 0, f"{p}.lora_alpha", "must be > 0", self.lora_alpha)
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 4  # G samples per user
+    temperature: float = 2.0
+    top_k: int = 200
+    top_p: float = 1.0
+    max_new_tokens: int = 300
+    eval_max_new_tokens: int = 300  # greedy reasoning at evaluation
+
+    def validate(self, p: str = "rollout") -> None:
+        _require(self.group_size >= 1, f"{p}.group_size", "must be >= 1", self.group_size)
+        _require(self.temperature > 0, f"{p}.temperature", "must be > 0", self.temperature)
+        _require(self.top_k >= 0, f"{p}.top_k", "must be >= 0 (0: off)", self.top_k)
+        _require(0 < self.top_p <= 1, f"{p}.top_p", "must be in (0, 1]", self.top_p)
+        _require(self.max_new_tokens >= 1, f"{p}.max_new_tokens", "must be >= 1",
+                 self.max_new_tokens)
+        _require(self.eval_max_new_tokens >= 1, f"{p}.eval_max_new_tokens", "must be >= 1",
+                 self.eval_max_new_tokens)
+
+
+@dataclass
+class RecPOConfig:
+    advantage: str = "grpo"  # grpo | rloo | reference_loo
+    beta: float = 0.05  # R = beta R_c + (1 - beta) R_d
+    ndcg_k: int = 1000
+    relabel_topk: int = 1
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    item_loss: str = "in_batch"  # in_batch (the reference) | full_catalog
+    item_loss_weight: float = 1.0
+    sim_temperature: float = 0.02
+    token_loss_normalize: str = "token"  # token | reference (divided by the batch size)
+
+    def validate(self, p: str = "recpo") -> None:
+        _require(self.advantage in ("grpo", "rloo", "reference_loo"), f"{p}.advantage",
+                 "must be grpo, rloo or reference_loo", self.advantage)
+        _require(0 <= self.beta <= 1, f"{p}.beta", "must be in [0, 1]", self.beta)
+        _require(self.ndcg_k >= 1, f"{p}.ndcg_k", "must be >= 1", self.ndcg_k)
+        _require(self.relabel_topk >= 0, f"{p}.relabel_topk", "must be >= 0",
+                 self.relabel_topk)
+        _require(0 <= self.eps_low < 1, f"{p}.eps_low", "must be in [0, 1)", self.eps_low)
+        _require(self.eps_high >= 0, f"{p}.eps_high", "must be >= 0", self.eps_high)
+        _require(self.item_loss in ("in_batch", "full_catalog"), f"{p}.item_loss",
+                 "must be in_batch or full_catalog", self.item_loss)
+        _require(self.item_loss_weight >= 0, f"{p}.item_loss_weight", "must be >= 0",
+                 self.item_loss_weight)
+        _require(self.sim_temperature > 0, f"{p}.sim_temperature", "must be > 0",
+                 self.sim_temperature)
+        _require(self.token_loss_normalize in ("token", "reference"),
+                 f"{p}.token_loss_normalize", "must be token or reference",
+                 self.token_loss_normalize)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 32
+    grad_clip: float = 1.0
+    users_per_step: int = 8  # B; N = B x G trajectories per step
+    micro_batch_users: int = 0  # users per forward-backward (0: all at once)
+    eight_bit_adam: bool = True  # bitsandbytes AdamW8bit when installed and on CUDA
+
+    def validate(self, p: str = "optim") -> None:
+        _require(self.lr > 0, f"{p}.lr", "must be > 0", self.lr)
+        _require(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0",
+                 self.weight_decay)
+        _require(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0",
+                 self.warmup_steps)
+        _require(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0 (0: off)",
+                 self.grad_clip)
+        _require(self.users_per_step >= 1, f"{p}.users_per_step", "must be >= 1",
+                 self.users_per_step)
+        _require(0 <= self.micro_batch_users <= self.users_per_step,
+                 f"{p}.micro_batch_users", f"must be in [0, users_per_step="
+                 f"{self.users_per_step}]", self.micro_batch_users)
+
+
+@dataclass
+class TrainConfig:
+    algo: str = "recpo"  # recpo | contrastive (the paper's "w/o reasoning" variant)
+    seed: int = 0
+    max_steps: int = 100
+    eval_every: int = 0  # 0: evaluate before and after training only
+    item_refresh_steps: int = 50  # re-encode the whole catalog every N steps (0: never)
+    save_every: int = 50  # checkpoint every N steps (0: at the end only)
+    keep_checkpoints: int = 2
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    recpo: RecPOConfig = field(default_factory=RecPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        _require(self.algo in ("recpo", "contrastive"), "algo", "must be recpo or contrastive",
+                 self.algo)
+        for key in ("max_steps", "eval_every", "item_refresh_steps", "save_every"):
+            _require(getattr(self, key) >= 0, key, "must be >= 0", getattr(self, key))
+        _require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1",
+                 self.keep_checkpoints)
+        for sub in ("data", "model", "rollout", "recpo", "optim"):
+            getattr(self, sub).validate(sub)
+
+    # ------------------------------------------------------------------ dict / file / CLI
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        config = cls.__new__(cls)  # fill field by field, then validate once
+        for f in dataclasses.fields(cls):
+            setattr(config, f.name, f.default_factory() if f.default_factory
+                    is not dataclasses.MISSING else f.default)
+        _merge(config, values, "")
+        config.validate()
+        return config
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _merge(obj, values: dict, prefix: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got "
+                          f"{type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {name!r}; known here: {sorted(fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, name + ".")
+        else:
+            setattr(obj, key, _coerce(name, value, type(current)))
+
+
+def _coerce(key: str, value, kind):
+    """Type-check a value for a field whose default has type `kind`."""
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str and isinstance(value, str):
+        return value
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    raise ConfigError(f"{key} must be {names.get(kind, kind.__name__)}, got {value!r}")
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """`--set a.b=value` pairs applied to a copy of `config`, validated."""
+    values = config.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=2e-5")
+        key, raw = item.split("=", 1)
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config key {key!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown config key {key!r}; known here: {sorted(node)}")
+        node[parts[-1]] = raw
+    return TrainConfig.from_dict(values)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+    return TrainConfig.from_dict(values)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def preset_tiny() -> TrainConfig:
+    """CPU in minutes: synthetic data and a tiny Gemma-2, short reasoning."""
+    return TrainConfig.from_dict({
+        "max_steps": 60, "eval_every": 0, "item_refresh_steps": 20, "save_every": 30,
+        "data": {"path": "data/synth", "synth_items": 500, "synth_users": 600,
+                 "eval_users": 200},
+        "model": {"path": "models/tiny-gemma2", "tiny_arch": "gemma2"},
+        "rollout": {"group_size": 4, "max_new_tokens": 8, "eval_max_new_tokens": 8},
+        "optim": {"lr": 1e-3, "warmup_steps": 5, "users_per_step": 16},
+    })
+
+
+def preset_gemma2_2b() -> TrainConfig:
+    """The paper's settings on Gemma-2-2B-it (a local folder), for CUDA."""
+    return TrainConfig.from_dict({
+        "max_steps": 2000, "eval_every": 200, "item_refresh_steps": 100, "save_every": 200,
+        "data": {"path": "data/video_games", "eval_users": 2000},
+        "model": {"path": "models/gemma-2-2b-it", "dtype": "bfloat16", "lora_r": 4,
+                  "lora_alpha": 128, "gradient_checkpointing": True},
+        "rollout": {"group_size": 4, "max_new_tokens": 640, "eval_max_new_tokens": 640},
+        "optim": {"lr": 1e-5, "warmup_steps": 32, "users_per_step": 16,
+                  "micro_batch_users": 4},
+    })
+
+
+def preset_qwen25_3b() -> TrainConfig:
+    config = preset_gemma2_2b()
+    config.model.path = "models/qwen2.5-3b-instruct"
+    return config
+
+
+PRESETS = {"tiny": preset_tiny, "gemma2-2b": preset_gemma2_2b, "qwen2.5-3b": preset_qwen25_3b}
+
+
+def get_preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
