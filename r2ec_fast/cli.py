@@ -1,5 +1,5 @@
-"""The `r2ec-fast` command line: one subcommand per task (bench, prepare-data, synth-data,
-make-tiny-model; train, eval, ... later).
+"""The `r2ec-fast` command line: one subcommand per task (bench, synth-data, prepare-data,
+make-tiny-model, train, eval, plot).
 
 Each subcommand is an `add_<name>(subparsers)` that defines its arguments and sets `func`, a
 function of the parsed arguments returning the exit status. Subcommands import their layer
@@ -89,12 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_bench(subparsers)
     from r2ec_fast.commands.make_tiny_model import add_make_tiny_model
+    from r2ec_fast.commands.plot import add_plot
     from r2ec_fast.commands.prepare_data import add_prepare_data
     from r2ec_fast.commands.synth_data import add_synth_data
+    from r2ec_fast.commands.train import add_eval, add_train
 
     add_synth_data(subparsers)
     add_prepare_data(subparsers)
     add_make_tiny_model(subparsers)
+    add_train(subparsers)
+    add_eval(subparsers)
+    add_plot(subparsers)
     return parser
 
 

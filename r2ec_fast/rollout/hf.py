@@ -75,16 +75,17 @@ class HFRollout:
         self.pad_id = tok.pad_token_id
         common = dict(eos_token_id=[answer_id, *sorted(self.stop_ids)], pad_token_id=self.pad_id,
                       bos_token_id=None, use_cache=True)
-        self.sampling = GenerationConfig(do_sample=True, temperature=temperature,
-                                         top_k=top_k or None, top_p=top_p,
-                                         max_new_tokens=max_new_tokens, **common)
-        self.greedy_config = GenerationConfig(
-            do_sample=False, max_new_tokens=eval_max_new_tokens or max_new_tokens, **common)
+        self.sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or None,
+                             top_p=top_p, max_new_tokens=max_new_tokens, **common)
+        self.greedy_config = dict(do_sample=False,
+                                  max_new_tokens=eval_max_new_tokens or max_new_tokens, **common)
+        self._config_class = GenerationConfig
 
-    def _generate(self, prompt: list[int], config, count: int) -> list[list[int]]:
+    def _generate(self, prompt: list[int], settings: dict, count: int) -> list[list[int]]:
         ids = torch.tensor([prompt], device=self.model.device)
+        config = self._config_class(**settings, num_return_sequences=count)
         out = self.model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                     generation_config=config, num_return_sequences=count)
+                                     generation_config=config)
         return [row[len(prompt):].tolist() for row in out]
 
     @torch.no_grad()
