@@ -28,20 +28,40 @@ def _popularity(trainer, split: str) -> dict:
     return rank_metrics(ranks)
 
 
+def _rank(dist) -> str:
+    """The ' (rank r)' of error messages in a multi-process job (every rank prints its own
+    errors; everything else is rank 0's to print), else nothing."""
+    return f" (rank {dist.rank})" if dist.enabled else ""
+
+
 def _run_train(args: argparse.Namespace) -> int:
+    """Under `torchrun --nproc_per_node N` every process runs this; rank 0 prints."""
+    from r2ec_fast.train.distributed import close_distributed, init_distributed
+
+    dist = init_distributed()
+    try:
+        return _train(args, dist)
+    finally:
+        close_distributed(dist)
+
+
+def _train(args: argparse.Namespace, dist) -> int:
     from r2ec_fast.eval.evaluate import format_table
     from r2ec_fast.train.config import ConfigError
     from r2ec_fast.train.trainer import Trainer
 
+    say = print if dist.is_main else (lambda *a, **k: None)
     try:
         config = _config(args)
         out = Path(args.out)
         if out.exists() and any(out.iterdir()) and not args.resume:
             raise ConfigError(f"--out {out} is not empty: pass --resume to continue that run, "
                               "or choose a new folder")
-        trainer = Trainer(config, out, resume=args.resume, progress=not args.no_progress)
+        dist.barrier()  # every rank has looked at --out before rank 0 writes there
+        trainer = Trainer(config, out, resume=args.resume, progress=not args.no_progress,
+                          dist=dist)
     except (ValueError, ImportError, OSError) as exc:
-        print(f"r2ec-fast train: {exc}", file=sys.stderr)
+        print(f"r2ec-fast train{_rank(dist)}: {exc}", file=sys.stderr)
         return 2
     split = args.eval_split or config.data.eval_split
     columns = {}
@@ -51,13 +71,13 @@ def _run_train(args: argparse.Namespace) -> int:
     if not args.no_eval:
         columns["after"] = trainer.evaluate(split)
         columns["popularity"] = _popularity(trainer, split)
-        print(f"\n{split} split, {columns['after']['users']} users, full catalog of "
-              f"{trainer.data.items.num_items} items, history excluded:")
-        print(format_table(columns))
+        say(f"\n{split} split, {columns['after']['users']} users, full catalog of "
+            f"{trainer.data.items.num_items} items, history excluded:")
+        say(format_table(columns))
     trainer.pop_times()
-    print("seconds by phase: " + ", ".join(
+    say("seconds by phase: " + ", ".join(
         f"{k.removeprefix('time_')} {v:.1f}" for k, v in trainer.phase_seconds.items()))
-    print(f"run folder: {out} (metrics.jsonl, eval.jsonl, checkpoints/, config.json)")
+    say(f"run folder: {out} (metrics.jsonl, eval.jsonl, checkpoints/, config.json)")
     return 0
 
 
@@ -69,7 +89,10 @@ def add_train(subparsers) -> None:
             "the full catalog, GRPO advantages, token loss + item loss. Builds the synthetic\n"
             "data and the tiny model first when the config says so and they are missing.\n"
             "Writes config.json, metrics.jsonl (one line per step), eval.jsonl and\n"
-            "checkpoints/ to --out; evaluates before and after and prints the table."),
+            "checkpoints/ to --out; evaluates before and after and prints the table.\n"
+            "Data-parallel on N processes (FSDP2; gloo on CPU, nccl on CUDA):\n"
+            "  torchrun --nproc_per_node N -m r2ec_fast.cli train ...\n"
+            "optim.users_per_step is the global batch: a multiple of N."),
         epilog=("examples:\n"
                 "  r2ec-fast train --preset tiny --out runs/tiny\n"
                 "  r2ec-fast train --preset tiny --out runs/tiny --resume --max-steps 120\n"
@@ -96,27 +119,39 @@ def add_train(subparsers) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    """Under torchrun the users are split over the processes; rank 0 prints."""
+    from r2ec_fast.train.distributed import close_distributed, init_distributed
+
+    dist = init_distributed()
+    try:
+        return _eval(args, dist)
+    finally:
+        close_distributed(dist)
+
+
+def _eval(args: argparse.Namespace, dist) -> int:
     from r2ec_fast.eval.evaluate import format_table
     from r2ec_fast.train.config import apply_overrides, load_config
     from r2ec_fast.train.trainer import Trainer
 
+    say = print if dist.is_main else (lambda *a, **k: None)
     run = Path(args.run)
     try:
         config = load_config(run / "config.json")
         if args.users is not None:
             config = apply_overrides(config, [f"data.eval_users={args.users}"])
-        trainer = Trainer(config, run, resume=True, progress=not args.no_progress)
+        trainer = Trainer(config, run, resume=True, progress=not args.no_progress, dist=dist)
         if trainer.step == 0:
-            print(f"r2ec-fast eval: {run} has no checkpoint; evaluating the initial model",
-                  file=sys.stderr)
+            say(f"r2ec-fast eval: {run} has no checkpoint; evaluating the initial model",
+                file=sys.stderr)
     except (ValueError, ImportError, OSError) as exc:
-        print(f"r2ec-fast eval: {exc}", file=sys.stderr)
+        print(f"r2ec-fast eval{_rank(dist)}: {exc}", file=sys.stderr)
         return 2
     result = trainer.evaluate(args.split)
-    print(f"{args.split} split, step {trainer.step}, {result['users']} users:")
-    print(format_table({f"step {trainer.step}": result,
-                        "popularity": _popularity(trainer, args.split)}))
-    if args.json:
+    say(f"{args.split} split, step {trainer.step}, {result['users']} users:")
+    say(format_table({f"step {trainer.step}": result,
+                      "popularity": _popularity(trainer, args.split)}))
+    if args.json and dist.is_main:
         keys = {k: v for k, v in result.items() if "@" in k}
         Path(args.json).write_text(json.dumps(keys, indent=2) + "\n")
     return 0

@@ -29,6 +29,9 @@ class DataConfig:
     synth_items: int = 0
     synth_users: int = 0
     synth_seed: int = 0
+    synth_genres: int = 16  # genre x colour cells of the synthetic process
+    synth_attributes: int = 12
+    synth_history_max: int = 20  # histories of 5..max interactions (min(5, max) at least)
     eval_split: str = "valid"
     eval_users: int = 0  # 0: every row of the split
     history_window: int = 20
@@ -39,6 +42,11 @@ class DataConfig:
                  "must be >= 0", (self.synth_items, self.synth_users))
         _require(self.eval_split in ("train", "valid", "test"), f"{p}.eval_split",
                  "must be train, valid or test", self.eval_split)
+        _require(self.synth_genres >= 1 and self.synth_attributes >= 1,
+                 f"{p}.synth_genres/attributes", "must be >= 1",
+                 (self.synth_genres, self.synth_attributes))
+        _require(self.synth_history_max >= 1, f"{p}.synth_history_max", "must be >= 1",
+                 self.synth_history_max)
         _require(self.eval_users >= 0, f"{p}.eval_users", "must be >= 0", self.eval_users)
         _require(self.history_window >= 1, f"{p}.history_window", "must be >= 1",
                  self.history_window)
@@ -268,14 +276,16 @@ def load_config(path: str | Path) -> TrainConfig:
 
 
 def preset_tiny() -> TrainConfig:
-    """CPU in minutes: synthetic data and a tiny Gemma-2, short reasoning."""
+    """CPU in minutes: a small synthetic catalog (4 genres x 4 colours, histories of 5-8
+    items), a tiny Gemma-2 built from it, short reasoning."""
     return TrainConfig.from_dict({
-        "max_steps": 60, "eval_every": 0, "item_refresh_steps": 20, "save_every": 30,
-        "data": {"path": "data/synth", "synth_items": 500, "synth_users": 600,
+        "max_steps": 60, "eval_every": 0, "item_refresh_steps": 50, "save_every": 30,
+        "data": {"path": "data/synth-tiny", "synth_items": 500, "synth_users": 600,
+                 "synth_genres": 4, "synth_attributes": 4, "synth_history_max": 8,
                  "eval_users": 200},
-        "model": {"path": "models/tiny-gemma2", "tiny_arch": "gemma2"},
+        "model": {"path": "models/tiny-preset-gemma2", "tiny_arch": "gemma2"},
         "rollout": {"group_size": 4, "max_new_tokens": 8, "eval_max_new_tokens": 8},
-        "optim": {"lr": 1e-3, "warmup_steps": 5, "users_per_step": 16},
+        "optim": {"lr": 3e-3, "warmup_steps": 5, "users_per_step": 16},
     })
 
 

@@ -88,9 +88,13 @@ class StepLoss:
 
 def step_losses(model, h, token_hidden, batch: TrajectoryBatch, advantages, group_size: int,
                 targets, exclude, item_h, recpo, temperature: float, token_weight: float,
-                item_weight: float, users_total: int, tokens_total: int) -> StepLoss:
+                item_weight: float, users_total: int, tokens_total: int,
+                label_offset: int = 0) -> StepLoss:
     """Token loss + item loss of one (micro-)batch, scaled so that summing over micro-batches
-    gives the mean over all `tokens_total` reasoning tokens and all trajectories of the step."""
+    (and over ranks) gives the mean over all `tokens_total` reasoning tokens and all
+    `users_total` x G trajectories of the step. In-batch: `item_h` holds the targets of every
+    user the softmax runs over (every rank's, data-parallel), this batch's user u's target at
+    row `label_offset + u`."""
     dev = h.device
     zero = torch.zeros((), device=dev)
     token_loss = clip = zero
@@ -107,7 +111,9 @@ def step_losses(model, h, token_hidden, batch: TrajectoryBatch, advantages, grou
         clip = out.clip_frac
     item_adv = relabel_item_advantages(advantages, group_size, recpo.relabel_topk)
     if recpo.item_loss == "in_batch":
-        labels = torch.arange(item_h.shape[0], device=dev).repeat_interleave(group_size)
+        users = h.shape[0] // group_size
+        labels = torch.arange(label_offset, label_offset + users, device=dev
+                              ).repeat_interleave(group_size)
         logp = in_batch_log_prob(h, item_h, labels, temperature=recpo.sim_temperature)
     else:
         logp = catalog_log_prob(h, model.item_table, targets, exclude=exclude,
@@ -118,8 +124,10 @@ def step_losses(model, h, token_hidden, batch: TrajectoryBatch, advantages, grou
     return StepLoss(loss, token_loss.detach(), loss_item.detach(), clip)
 
 
-def contrastive_loss(h, item_h, users_total: int, temperature: float) -> torch.Tensor:
+def contrastive_loss(h, item_h, users_total: int, temperature: float,
+                     label_offset: int = 0) -> torch.Tensor:
     """The "w/o reasoning" variant: -log softmax of each user's target over the batch's
-    targets, from the prompt's final state; scaled for micro-batch accumulation."""
-    labels = torch.arange(h.shape[0], device=h.device)
+    targets (user u's at row `label_offset + u` of item_h), from the prompt's final state;
+    scaled for micro-batch (and rank) accumulation."""
+    labels = torch.arange(label_offset, label_offset + h.shape[0], device=h.device)
     return -in_batch_log_prob(h, item_h, labels, temperature=temperature).sum() / users_total

@@ -6,6 +6,13 @@ catalog (history excluded) -> group advantages -> token loss on the sampled reas
 (`linear_log_probs`, softcap and the sampling temperature applied) + item loss on the answer
 state (in-batch as the reference, or the full catalog) -> AdamW with warmup and clipping ->
 the batch's target rows of the item table refreshed with their fresh encodings.
+
+Under `torchrun` the same loop runs data-parallel (`distributed.py`): the B users of a step are
+the same shuffled slice on every rank and rank r takes its contiguous share of them, so N
+ranks x B/N users are the one-process step on B users: rollouts are seeded per (step, user),
+the losses are normalised by the global token and trajectory counts, the in-batch item softmax
+runs over every rank's targets, FSDP2 sums the gradients, and the refreshed table rows are
+gathered so that every rank holds the same table. Rank 0 alone writes logs and checkpoints.
 """
 from __future__ import annotations
 
@@ -18,6 +25,10 @@ import torch
 from tqdm import tqdm
 
 from r2ec_fast.train.config import ConfigError, TrainConfig
+from r2ec_fast.train.distributed import (
+    DistContext, clip_grad_norm_, encode_items_sharded, full_state, init_distributed,
+    parallelize, sharded_loaders, weighted_means,
+)
 
 EVAL_FILE = "eval.jsonl"
 
@@ -43,12 +54,17 @@ def ensure_data(cfg):
                               "synth-data or prepare-data, or set data.synth_items)")
         from r2ec_fast.data.synthetic import make_synthetic
 
+        lo = min(5, cfg.synth_history_max)
         save_dataset(make_synthetic(cfg.synth_items, cfg.synth_users or cfg.synth_items,
-                                    seed=cfg.synth_seed), path)
+                                    seed=cfg.synth_seed, num_genres=cfg.synth_genres,
+                                    num_attributes=cfg.synth_attributes,
+                                    history_len=(lo, cfg.synth_history_max)), path)
     return load_dataset(path)
 
 
 def ensure_model(cfg, data, device, seed: int):
+    """The model of `cfg` (built first when `tiny_arch` says so), with its LoRA adapters;
+    activation checkpointing and sharding are `distributed.parallelize`'s."""
     from r2ec_fast.model import DualHeadModel
 
     path = Path(cfg.path)
@@ -70,13 +86,12 @@ def ensure_model(cfg, data, device, seed: int):
         model.lm = get_peft_model(model.lm, LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
             task_type="CAUSAL_LM"))
-    if cfg.gradient_checkpointing:
-        model.lm.gradient_checkpointing_enable()
     return model
 
 
-def _optimizer(params, cfg, device):
-    if cfg.eight_bit_adam and device.type == "cuda":
+def _optimizer(params, cfg, device, sharded: bool = False):
+    # bitsandbytes' 8-bit AdamW does not take FSDP2's DTensor parameters: torch's AdamW there
+    if cfg.eight_bit_adam and device.type == "cuda" and not sharded:
         try:
             import bitsandbytes as bnb
 
@@ -88,20 +103,33 @@ def _optimizer(params, cfg, device):
 
 class Trainer:
     def __init__(self, config: TrainConfig, run_dir: str | Path, resume: bool = False,
-                 progress: bool = True, device: str | None = None):
+                 progress: bool = True, device: str | None = None,
+                 dist: DistContext | None = None):
+        """dist: this process's place in a data-parallel job; default `init_distributed`,
+        i.e. the torchrun job this process was launched in, else one process on `device`
+        (default CUDA when available). Under a job the device is the job's."""
         from r2ec_fast.data.prompts import PromptConfig
         from r2ec_fast.model.encode import item_texts, tokenize_texts
         from r2ec_fast.rollout.hf import HFRollout, NoReasoning
         from r2ec_fast.train.metrics import MetricsLogger, PhaseTimer
 
-        self.config, self.progress = config, progress
+        self.dist = dist if dist is not None else init_distributed(device)
+        if config.optim.users_per_step % self.dist.world_size:
+            raise ConfigError(f"optim.users_per_step={config.optim.users_per_step} must be a "
+                              f"multiple of the number of processes ({self.dist.world_size})")
+        self.config, self.progress = config, progress and self.dist.is_main
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(self.run_dir / "config.json")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.dist.is_main:
+            config.save(self.run_dir / "config.json")
+        self.device = self.dist.device
         _seed_everything(config.seed)
-        self.data = ensure_data(config.data)
-        self.model = ensure_model(config.model, self.data, self.device, config.seed)
+        with self.dist.main_first():  # rank 0 builds missing data / a missing tiny model
+            self.data = ensure_data(config.data)
+        with self.dist.main_first():
+            self.model = ensure_model(config.model, self.data, self.device, config.seed)
+        self.plan = parallelize(self.model, self.dist,
+                                activation_checkpointing=config.model.gradient_checkpointing)
         tok = self.model.tokenizer
         self.prompt_config = PromptConfig(history_window=config.data.history_window)
         self.answer_id = tok.convert_tokens_to_ids(self.prompt_config.answer_start)
@@ -119,7 +147,7 @@ class Trainer:
         self.histories = {name: torch.from_numpy(s.padded_history(config.data.history_window))
                           for name, s in self.data.splits.items()}
         params = [p for p in self.model.lm.parameters() if p.requires_grad]
-        self.optimizer = _optimizer(params, config.optim, self.device)
+        self.optimizer = _optimizer(params, config.optim, self.device, self.dist.enabled)
         warmup = config.optim.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -175,8 +203,13 @@ class Trainer:
 
     def refresh_table(self) -> None:
         with self.timer("encode_items"):
-            self.model.encode_items(self.data.items, self.data.category, self.prompt_config,
-                                    progress=self.progress)
+            if not self.dist.enabled:
+                self.model.encode_items(self.data.items, self.data.category,
+                                        self.prompt_config, progress=self.progress)
+                return
+            with self.plan.gathered():
+                encode_items_sharded(self.model, self.data.items, self.data.category,
+                                     self.prompt_config, self.dist, progress=self.progress)
 
     # ------------------------------------------------------------------ one step
 
@@ -186,20 +219,24 @@ class Trainer:
             contrastive_loss, exclusion, policy_forward, rewards, step_losses, trajectory_batch,
         )
 
-        cfg, dev, G = self.config, self.device, self.group_size
+        cfg, dev, G, world = self.config, self.device, self.group_size, self.dist
         train = self.data["train"]
-        rows = self.next_users()
-        B = len(rows)
-        targets_u = torch.as_tensor(train.item_id[rows], device=dev)  # [B]
-        targets = targets_u.repeat_interleave(G)  # [N]
+        rows_all = self.next_users()  # the global batch: the same list on every rank
+        B = len(rows_all)
+        mine = world.split(B)
+        rows = rows_all[mine]  # this rank's users
+        b = len(rows)
+        targets_all = torch.as_tensor(train.item_id[rows_all], device=dev)  # [B]
+        targets_u = targets_all[mine]  # [b]
+        targets = targets_u.repeat_interleave(G)  # [b G]
         exclude = exclusion(self.histories["train"][rows].to(dev)).repeat_interleave(G, 0)
-        with self.timer("rollout"):
+        with self.timer("rollout"), self.plan.gathered():
             trajs = self.rollout.sample(self.user_prompt_ids("train", rows),
                                         [user_seed(cfg.seed, self.step, r) for r in rows], G)
         pad = self.model.tokenizer.pad_token_id
-        micro = cfg.optim.micro_batch_users or B
-        chunks = [(lo, min(lo + micro, B)) for lo in range(0, B, micro)]
-        tokens_total = sum(t.sampled for t in trajs)
+        micro = min(cfg.optim.micro_batch_users or b, b)
+        chunks = [(lo, min(lo + micro, b)) for lo in range(0, b, micro)]
+        tokens_total = world.sum_int(sum(t.sampled for t in trajs))  # every rank's tokens
         self.model.train()
         cached = None
         with self.timer("forward_backward"):
@@ -216,8 +253,9 @@ class Trainer:
                                           cfg.recpo.sim_temperature, cfg.recpo.ndcg_k,
                                           cfg.recpo.beta)
             adv = group_advantages(reward, G, cfg.recpo.advantage)
-        stats = {"token_loss": 0.0, "item_loss": 0.0, "clip_frac": 0.0}
-        fresh = []
+        token_loss = item_loss = clip_frac = 0.0
+        fresh, fresh_ids = [], []
+        need_items = cfg.algo == "contrastive" or cfg.recpo.item_loss == "in_batch"
         with self.timer("forward_backward"):
             for lo, hi in chunks:
                 if cached is None:
@@ -225,31 +263,36 @@ class Trainer:
                     h, token_hidden = policy_forward(self.model, batch)
                 else:
                     batch, h, token_hidden = cached
-                need_items = cfg.algo == "contrastive" or cfg.recpo.item_loss == "in_batch"
-                item_h = self._items_hidden(targets_u[lo:hi].tolist()) if need_items else None
+                item_h, offset = None, 0
+                if need_items:  # the chunk's targets on every rank: in-batch negatives
+                    item_h = world.gather_rows(self._items_hidden(targets_u[lo:hi].tolist()))
+                    offset = world.rank * (hi - lo)  # where this rank's targets are in item_h
                 if cfg.algo == "contrastive":
                     loss = contrastive_loss(h.float(), item_h.float(), B,
-                                            cfg.recpo.sim_temperature)
-                    stats["item_loss"] += loss.item()
+                                            cfg.recpo.sim_temperature, offset)
+                    item_loss += loss.item()
                 else:
+                    self.plan.gather_head()  # the token loss reads the lm_head weight
                     parts = step_losses(
                         self.model, h.float(), token_hidden, batch, adv[lo * G:hi * G], G,
                         targets[lo * G:hi * G], exclude[lo * G:hi * G],
                         None if item_h is None else item_h.float(), cfg.recpo,
                         cfg.rollout.temperature, 1.0, cfg.recpo.item_loss_weight, B,
-                        tokens_total)
+                        tokens_total, offset)
                     loss = parts.loss
-                    stats["token_loss"] += parts.token_loss.item()
-                    stats["item_loss"] += parts.item_loss.item()
-                    stats["clip_frac"] += parts.clip_frac.item() * (hi - lo) / B
+                    token_loss += parts.token_loss.item()
+                    item_loss += parts.item_loss.item()
+                    clip_frac += parts.clip_frac.item() * batch.token_ids.numel() / max(
+                        1, tokens_total)
                 loss.backward()
                 if item_h is not None:
                     fresh.append(item_h.detach())
+                    fresh_ids.append(targets_all.view(world.world_size, b)[:, lo:hi].reshape(-1))
+        token_loss, item_loss, clip_frac = world.sum_floats([token_loss, item_loss, clip_frac])
         with self.timer("optimizer"):
             params = [p for p in self.model.lm.parameters() if p.requires_grad]
-            clip = cfg.optim.grad_clip or math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
-            total = stats["token_loss"] + cfg.recpo.item_loss_weight * stats["item_loss"]
+            grad_norm = clip_grad_norm_(params, cfg.optim.grad_clip or math.inf).item()
+            total = token_loss + cfg.recpo.item_loss_weight * item_loss
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
                 raise FloatingPointError(f"step {self.step}: loss {total} or grad norm "
                                          f"{grad_norm} is not finite; lower optim.lr")
@@ -257,14 +300,20 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         with self.timer("scoring"):  # DESIGN §5 step 8: the batch's targets, re-encoded
-            hidden = torch.cat(fresh) if fresh else self._encode_no_grad(targets_u.tolist())
-            self.model.refresh_rows(targets_u, hidden.float())
+            if fresh:
+                ids, hidden = torch.cat(fresh_ids), torch.cat(fresh)
+            else:
+                ids = targets_all
+                hidden = world.gather_cat(self._encode_no_grad(targets_u.tolist()))
+            self.model.refresh_rows(ids, hidden.float())  # the same rows on every rank
         self.step += 1
-        return {"loss": total, **stats, "reward_mean": reward.mean().item(),
+        reward, ndcg, rc, adv = (world.gather_cat(x) for x in (reward, ndcg, rc, adv))
+        return {"loss": total, "token_loss": token_loss, "item_loss": item_loss,
+                "clip_frac": clip_frac, "reward_mean": reward.mean().item(),
                 "reward_std": reward.std().item() if reward.numel() > 1 else 0.0,
                 "ndcg": ndcg.mean().item(), "rc": rc.mean().item(),
                 "advantage_abs": adv.abs().mean().item(), "grad_norm": grad_norm,
-                "reasoning_len": tokens_total / len(trajs),
+                "reasoning_len": tokens_total / (B * G),
                 "lr": self.scheduler.get_last_lr()[0]}
 
     @torch.no_grad()
@@ -281,28 +330,41 @@ class Trainer:
         rows = list(range(len(data)))
         if self.config.data.eval_users:
             rows = rows[:self.config.data.eval_users]
+        rows = rows[self.dist.split(len(rows))]  # each rank its share of the users
         if refresh:
             self.refresh_table()
-        with self.timer("eval"):
+        with self.timer("eval"), self.plan.gathered():
             out = evaluate(self.model, self.rollout, self.user_prompt_ids(split, rows),
                            torch.as_tensor(data.item_id[rows]), self.histories[split][rows],
                            self.config.recpo.sim_temperature, progress=self.progress,
                            desc=f"eval {split}")
-        self.eval_logger.log(self.step, split=split, **out)
+        out = weighted_means(out, len(rows), self.dist)  # the means over every rank's users
+        if self.dist.is_main:
+            self.eval_logger.log(self.step, split=split, **out)
         return out
 
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> Path:
-        from r2ec_fast.train.checkpoint import save_checkpoint
+        """Checkpoint (every rank must call it: under FSDP2 the full state is gathered to
+        rank 0, which writes it in the one-process format)."""
+        from r2ec_fast.train.checkpoint import CHECKPOINTS_DIR, save_checkpoint
 
+        adapter_only = bool(self.config.model.lora_r)
         with self.timer("checkpoint"):
-            return save_checkpoint(
-                self.run_dir, self.step, model=self.model.lm, optimizer=self.optimizer,
-                scheduler=self.scheduler, item_table=self.model.item_table,
-                trainer_state={"epoch": self.epoch, "position": self.position},
-                keep_last=self.config.keep_checkpoints,
-                adapter_only=bool(self.config.model.lora_r))
+            model, optimizer = self.model.lm, self.optimizer
+            if self.dist.enabled:
+                self.dist.check_same("the item table", self.model.item_table.weight)
+                model, optimizer = full_state(model, optimizer, self.dist, adapter_only)
+            path = self.run_dir / CHECKPOINTS_DIR / f"step-{self.step:08d}"
+            if self.dist.is_main:
+                path = save_checkpoint(
+                    self.run_dir, self.step, model=model, optimizer=optimizer,
+                    scheduler=self.scheduler, item_table=self.model.item_table,
+                    trainer_state={"epoch": self.epoch, "position": self.position},
+                    keep_last=self.config.keep_checkpoints, adapter_only=adapter_only)
+            self.dist.barrier()  # no rank goes on (or resumes) before the files are there
+            return path
 
     def _resume(self) -> bool:
         from r2ec_fast.train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng
@@ -310,15 +372,17 @@ class Trainer:
         path = latest_checkpoint(self.run_dir)
         if path is None:
             return False
-        state = load_checkpoint(path, model=self.model.lm, optimizer=self.optimizer,
+        model, optimizer = sharded_loaders(self.model.lm, self.optimizer, self.dist)
+        state = load_checkpoint(path, model=model, optimizer=optimizer,
                                 scheduler=self.scheduler, map_location=self.device)
         self.step = state["step"]
         self.epoch = state["trainer_state"]["epoch"]
         self.position = state["trainer_state"]["position"]
         self.model.item_table = state["item_table"].to(self.device)
         restore_rng(state["rng"])
-        self.logger.truncate_after(self.step)
-        self.eval_logger.truncate_after(self.step)
+        if self.dist.is_main:
+            self.logger.truncate_after(self.step)
+            self.eval_logger.truncate_after(self.step)
         return True
 
     # ------------------------------------------------------------------ the loop
@@ -344,7 +408,8 @@ class Trainer:
         while self.step < end:
             metrics = self.train_step()
             metrics.update(self.pop_times(), peak_memory_mib=peak_memory_mib())
-            self.logger.log(self.step, **metrics)
+            if self.dist.is_main:
+                self.logger.log(self.step, **metrics)
             history.append(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", ndcg=f"{metrics['ndcg']:.3f}")
