@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from r2ec_fast.commands.plot import add_plot, collect_series, moving_average
-from r2ec_fast.train.metrics import MetricsLogger, PhaseTimer, peak_memory_mib, read_metrics
+from r2ec_fast.train.metrics import MetricsLogger, PhaseTimer, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
