@@ -153,6 +153,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     algo: str = "recpo"  # recpo | contrastive (the paper's "w/o reasoning" variant)
+    warm_start_steps: int = 0  # recpo: this many contrastive steps first (a warm start)
     seed: int = 0
     max_steps: int = 100
     eval_every: int = 0  # 0: evaluate before and after training only
@@ -171,7 +172,8 @@ class TrainConfig:
     def validate(self) -> None:
         _require(self.algo in ("recpo", "contrastive"), "algo", "must be recpo or contrastive",
                  self.algo)
-        for key in ("max_steps", "eval_every", "item_refresh_steps", "save_every"):
+        for key in ("max_steps", "warm_start_steps", "eval_every", "item_refresh_steps",
+                    "save_every"):
             _require(getattr(self, key) >= 0, key, "must be >= 0", getattr(self, key))
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1",
                  self.keep_checkpoints)

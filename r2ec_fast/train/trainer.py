@@ -138,6 +138,7 @@ class Trainer:
                               f"{self.prompt_config.answer_start!r}; add it as a special token")
         r = config.rollout
         self.group_size = r.group_size if config.algo == "recpo" else 1
+        self.no_reasoning = NoReasoning(self.answer_id)  # contrastive steps
         self.rollout = (HFRollout(self.model, self.answer_id, r.temperature, r.top_k, r.top_p,
                                   r.max_new_tokens, r.eval_max_new_tokens)
                         if config.algo == "recpo" else NoReasoning(self.answer_id))
@@ -219,7 +220,11 @@ class Trainer:
             contrastive_loss, exclusion, policy_forward, rewards, step_losses, trajectory_batch,
         )
 
-        cfg, dev, G, world = self.config, self.device, self.group_size, self.dist
+        cfg, dev, world = self.config, self.device, self.dist
+        # contrastive: the variant itself, or the warm start of a RecPO run
+        warm = cfg.algo == "contrastive" or self.step < cfg.warm_start_steps
+        G = 1 if warm else self.group_size
+        rollout = self.no_reasoning if warm else self.rollout
         train = self.data["train"]
         rows_all = self.next_users()  # the global batch: the same list on every rank
         B = len(rows_all)
@@ -231,7 +236,7 @@ class Trainer:
         targets = targets_u.repeat_interleave(G)  # [b G]
         exclude = exclusion(self.histories["train"][rows].to(dev)).repeat_interleave(G, 0)
         with self.timer("rollout"), self.plan.gathered():
-            trajs = self.rollout.sample(self.user_prompt_ids("train", rows),
+            trajs = rollout.sample(self.user_prompt_ids("train", rows),
                                         [user_seed(cfg.seed, self.step, r) for r in rows], G)
         pad = self.model.tokenizer.pad_token_id
         micro = min(cfg.optim.micro_batch_users or b, b)
@@ -255,7 +260,7 @@ class Trainer:
             adv = group_advantages(reward, G, cfg.recpo.advantage)
         token_loss = item_loss = clip_frac = 0.0
         fresh, fresh_ids = [], []
-        need_items = cfg.algo == "contrastive" or cfg.recpo.item_loss == "in_batch"
+        need_items = warm or cfg.recpo.item_loss == "in_batch"
         with self.timer("forward_backward"):
             for lo, hi in chunks:
                 if cached is None:
@@ -267,7 +272,7 @@ class Trainer:
                 if need_items:  # the chunk's targets on every rank: in-batch negatives
                     item_h = world.gather_rows(self._items_hidden(targets_u[lo:hi].tolist()))
                     offset = world.rank * (hi - lo)  # where this rank's targets are in item_h
-                if cfg.algo == "contrastive":
+                if warm:
                     loss = contrastive_loss(h.float(), item_h.float(), B,
                                             cfg.recpo.sim_temperature, offset)
                     item_loss += loss.item()
