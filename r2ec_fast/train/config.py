@@ -279,9 +279,13 @@ def load_config(path: str | Path) -> TrainConfig:
 
 def preset_tiny() -> TrainConfig:
     """CPU in minutes: a small synthetic catalog (4 genres x 4 colours, histories of 5-8
-    items), a tiny Gemma-2 built from it, short reasoning."""
+    items), a tiny Gemma-2 built from it; 600 contrastive warm-start steps (the random model
+    learns nothing from RecPO's sparse item signal alone: measured, valid NDCG@10 fell from
+    0.0106 to 0.0049 over 60 RecPO steps), then 60 RecPO steps with 8 reasoning tokens; an
+    evaluation at the end of the warm start shows what RecPO adds."""
     return TrainConfig.from_dict({
-        "max_steps": 60, "eval_every": 0, "item_refresh_steps": 50, "save_every": 30,
+        "max_steps": 660, "warm_start_steps": 600, "eval_every": 600,
+        "item_refresh_steps": 100, "save_every": 330,
         "data": {"path": "data/synth-tiny", "synth_items": 500, "synth_users": 600,
                  "synth_genres": 4, "synth_attributes": 4, "synth_history_max": 8,
                  "eval_users": 200},
