@@ -139,3 +139,28 @@ def test_contrastive_variant_trains(root):
     metrics = trainer.train_step()
     assert metrics["reasoning_len"] == 0 and metrics["token_loss"] == 0
     assert math.isfinite(metrics["item_loss"]) and metrics["item_loss"] > 0
+
+
+def test_lora_adapter_trains_saves_and_resumes(root):
+    """model.lora_r > 0: only the adapter trains and is checkpointed; a resume continues."""
+    pytest.importorskip("peft")
+    from r2ec_fast.train.trainer import Trainer
+
+    config = tiny_config(root, **{"model.lora_r": 4, "max_steps": 2, "save_every": 1})
+    trainer = Trainer(config, root / "lora", progress=False)
+    trainable = {n for n, p in trainer.model.lm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in trainer.model.lm.named_parameters()
+              if not p.requires_grad}
+    trainer.fit(1)
+    assert all(torch.equal(p, frozen[n]) for n, p in trainer.model.lm.named_parameters()
+               if n in frozen)
+    from safetensors import safe_open
+
+    with safe_open(str(root / "lora" / "checkpoints" / "step-00000001" / "model.safetensors"),
+                   "pt") as f:
+        assert set(f.keys()) <= trainable and f.keys()
+    resumed = Trainer(config, root / "lora", resume=True, progress=False)
+    assert resumed.step == 1
+    resumed.fit(2)
+    assert [m["step"] for m in read_metrics(root / "lora" / "metrics.jsonl")] == [1, 2]
