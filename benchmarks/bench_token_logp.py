@@ -61,48 +61,39 @@ def make_inputs(t, d, v, dtype, seed, device):
             "grad": grad}
 
 
-def _ours(backend, softcap, backward: bool):
+def _logp_run(logp_fn, backward: bool, key: str = "logp", grads: bool = True):
+    """An implementation row: log-probabilities `logp_fn(hidden, weight, targets)` and, with
+    `backward`, the gradients of sum(g * logp) w.r.t. hidden and weight (per-token g)."""
     def run(x):
         with torch.set_grad_enabled(backward):
             h = x["hidden"].detach().requires_grad_(backward)
             w = x["weight"].detach().requires_grad_(backward)
-            logp = linear_log_probs(h, w, x["targets"], softcap, backend=backend)
-            if not backward:
-                return {"logp": logp}
-            (logp * x["grad"]).sum().backward()
-        return {"logp": logp.detach(), "grad_hidden": h.grad, "grad_weight": w.grad}
-    return run
-
-
-def _plain(softcap, backward: bool):
-    def run(x):
-        with torch.set_grad_enabled(backward):
-            h = x["hidden"].detach().requires_grad_(backward)
-            w = x["weight"].detach().requires_grad_(backward)
-            logp = linear_log_probs_reference(h, w, x["targets"], softcap, upcast=False)
-            if not backward:
-                return {"logp": logp}
-            (logp.float() * x["grad"]).sum().backward()
-        return {"logp": logp.detach(), "grad_hidden": h.grad, "grad_weight": w.grad}
-    return run
-
-
-def _torch_linear_ce(softcap, backward: bool):
-    key = "logp" if softcap is None else "logp_uncapped"  # no error column with a softcap
-
-    def run(x):
-        with torch.set_grad_enabled(backward):
-            h = x["hidden"].detach().requires_grad_(backward)
-            w = x["weight"].detach().requires_grad_(backward)
-            logp = -F.linear_cross_entropy(h, w, x["targets"], reduction="none")
+            logp = logp_fn(h, w, x["targets"])
             if not backward:
                 return {key: logp}
             (logp.float() * x["grad"]).sum().backward()
         out = {key: logp.detach()}
-        if softcap is None:
+        if grads:
             out.update(grad_hidden=h.grad, grad_weight=w.grad)
         return out
     return run
+
+
+def _ours(backend, softcap, backward: bool):
+    return _logp_run(lambda h, w, t: linear_log_probs(h, w, t, softcap, backend=backend),
+                     backward)
+
+
+def _plain(softcap, backward: bool):
+    return _logp_run(lambda h, w, t: linear_log_probs_reference(h, w, t, softcap, upcast=False),
+                     backward)
+
+
+def _torch_linear_ce(softcap, backward: bool):
+    # no softcap in torch's op: with one it computes another function, so no error column
+    return _logp_run(lambda h, w, t: -F.linear_cross_entropy(h, w, t, reduction="none"),
+                     backward, key="logp" if softcap is None else "logp_uncapped",
+                     grads=softcap is None)
 
 
 def _gemm(x):
@@ -112,21 +103,14 @@ def _gemm(x):
 
 def _peer_logp(name, softcap, backward: bool):
     """Log-probabilities from a peer's fused linear cross-entropy (reduction "none")."""
-    def run(x):
+    def logp(h, w, targets):
         if name == "liger":
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as ce
         else:
             from cut_cross_entropy import linear_cross_entropy as ce
-        with torch.set_grad_enabled(backward):
-            h = x["hidden"].detach().requires_grad_(backward)
-            w = x["weight"].detach().requires_grad_(backward)
-            loss = ce(h, w, x["targets"], softcap=softcap, reduction="none")
-            logp = -(loss[0] if isinstance(loss, tuple) else loss)  # some versions add z-loss
-            if not backward:
-                return {"logp": logp}
-            (logp.float() * x["grad"]).sum().backward()
-        return {"logp": logp.detach(), "grad_hidden": h.grad, "grad_weight": w.grad}
-    return run
+        loss = ce(h, w, targets, softcap=softcap, reduction="none")
+        return -(loss[0] if isinstance(loss, tuple) else loss)  # some versions add z-loss
+    return _logp_run(logp, backward)
 
 
 def _liger_grpo(x):
