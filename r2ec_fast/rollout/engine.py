@@ -1,0 +1,245 @@
+"""`RolloutEngine`: generation inside the training process, from the live parameters.
+
+    engine = RolloutEngine(model, block_size=16, kv_budget="2GiB")
+    outs = engine.generate(prompt_token_ids, SamplingParams(n=4, temperature=1.0, ...))
+    outs[i].samples[j].token_ids / .logprobs / .finish_reason
+
+It ties the roles together: `Scheduler` (continuous batching under the KV budget, preemption),
+`BlockManager` (a group's prompt blocks held once by its G samples), `ModelRunner` (the model's
+own decoder over the paged cache) and `Sampler`. The model is used as it is at the call (LoRA
+adapters included): nothing is copied, so there is no weight reload between training steps.
+The KV cache is allocated per call, sized to what the call can need at most, within the budget.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .block_manager import BlockManager
+from .model_runner import ModelRunner
+from .sampler import Sampler
+from .scheduler import Scheduler
+from .sequence import Group, SamplingParams, Sequence, Status, sample_generator
+
+__all__ = ["RolloutEngine", "SamplingParams", "RequestOutput", "SampleOutput", "parse_bytes"]
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30}
+
+
+def parse_bytes(value: int | str) -> int:
+    """An int (bytes) or a string such as "512MiB" / "2 GiB" / "1.5GB"."""
+    if isinstance(value, bool):
+        raise ValueError(f"kv_budget must be bytes (int) or a size like '2GiB', got {value!r}")
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"kv_budget must be bytes (int) or a size like '2GiB', got {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[float]  # of each token under the distribution it was drawn from
+    finish_reason: str  # "stop" (a stop token, kept as the last id) or "length"
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    samples: list[SampleOutput]
+
+
+@dataclass
+class EngineStats:
+    """What the last `generate` did: blocks, preemptions, steps and tokens."""
+
+    num_blocks: int = 0
+    block_size: int = 0
+    peak_blocks: int = 0
+    # the most blocks that held prompt positions at once (measured after each prefill and the
+    # decode that follows it, when partial blocks are copied), and what one copy of the
+    # prompt per sample would have held at that moment
+    prompt_blocks: int = 0
+    prompt_blocks_per_copy: int = 0
+    preemptions: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    generated_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class RolloutEngine:
+    def __init__(self, model, block_size: int = 16, kv_budget: int | str | None = None,
+                 max_num_seqs: int = 256, max_prefill_tokens: int = 8192,
+                 attn_backend: str | None = None, sample_backend: str | None = None,
+                 progress: bool = False):
+        """model: a `DualHeadModel`. kv_budget: the most bytes the KV cache may take (int or
+        "2GiB"); default: on CUDA half of the free device memory at each call, on CPU 2 GiB.
+        The cache never takes more than the call can use. attn_backend / sample_backend: force
+        an implementation of the paged-attention / sampling ops (default: automatic)."""
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("max_prefill_tokens", max_prefill_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.model = model
+        self.block_size = block_size
+        self.kv_budget = None if kv_budget is None else parse_bytes(kv_budget)
+        if self.kv_budget is not None and self.kv_budget < 1:
+            raise ValueError(f"kv_budget must be positive, got {kv_budget!r}")
+        self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
+        self.attn_backend, self.sample_backend = attn_backend, sample_backend
+        self.progress = progress
+        self.stats = EngineStats()
+
+    # ---------------------------------------------------------------- sizing
+
+    def _budget_blocks(self) -> int:
+        per_block = ModelRunner.bytes_per_block(self.model, self.block_size)
+        budget = self.kv_budget
+        if budget is None:
+            if self.model.device.type == "cuda":
+                budget = torch.cuda.mem_get_info(self.model.device)[0] // 2
+            else:
+                budget = 2 * 2**30
+        return budget // per_block
+
+    def _worst_case_blocks(self, prompt_len: int, params: SamplingParams) -> int:
+        """Blocks one group can hold at most: its prompt's full blocks once, the rest per
+        sample."""
+        full = prompt_len // self.block_size
+        per_sample = math.ceil((prompt_len + params.max_new_tokens) / self.block_size) - full
+        return full + params.n * per_sample
+
+    def _check(self, prompts, params: SamplingParams, seeds) -> None:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError("prompt_token_ids must be a list of token-id lists")
+        vocab = self.model.lm_head_weight.shape[0]
+        limit = ModelRunner(self.model, self.block_size, 1).max_positions
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
+            if limit is not None and len(p) + params.max_new_tokens > limit:
+                raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens "
+                                 f"{params.max_new_tokens} exceed the model's "
+                                 f"max_position_embeddings {limit}")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab})")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+
+    # ---------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams,
+                 seeds: list[int] | None = None) -> list[RequestOutput]:
+        """Per prompt, `params.n` samples. seeds: one per prompt (default: params.seed + the
+        prompt's index); sample j of a prompt draws from its own stream of (seed, j)."""
+        self._check(prompt_token_ids, params, seeds)
+        if not prompt_token_ids:
+            return []
+        prompts = [[int(t) for t in p] for p in prompt_token_ids]
+        seeds = [params.seed + i for i in range(len(prompts))] if seeds is None else seeds
+        worst = [self._worst_case_blocks(len(p), params) for p in prompts]
+        budget = self._budget_blocks()
+        if max(worst) > budget:
+            i = max(range(len(prompts)), key=worst.__getitem__)
+            raise ValueError(
+                f"the KV budget holds {budget} blocks of {self.block_size} tokens, but prompt {i} "
+                f"({len(prompts[i])} tokens, n={params.n}, max_new_tokens="
+                f"{params.max_new_tokens}) can need {worst[i]}: raise kv_budget or lower n / "
+                "max_new_tokens")
+        num_blocks = min(budget, sum(worst))
+        blocks = BlockManager(num_blocks, self.block_size)
+        scheduler = Scheduler(blocks, self.max_num_seqs, self.max_prefill_tokens)
+        runner = ModelRunner(self.model, self.block_size, num_blocks, self.attn_backend)
+        sampler = Sampler(params, self.sample_backend)
+        groups = self._groups(prompts, seeds, params)
+        for g in groups:
+            scheduler.add(g)
+        self.stats = EngineStats(num_blocks=num_blocks, block_size=self.block_size)
+        runner.allocate()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with runner.attention():
+                self._loop(scheduler, runner, sampler, params, groups)
+        finally:
+            runner.release()
+            self.model.train(was_training)
+        self.stats.peak_blocks = blocks.peak_used
+        self.stats.preemptions = scheduler.num_preemptions
+        return [RequestOutput(g.prompt, [SampleOutput(s.output, s.logprobs, s.finish_reason)
+                                         for s in g.samples]) for g in groups]
+
+    @staticmethod
+    def _groups(prompts, seeds, params) -> list[Group]:
+        groups, seq_id = [], 0
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            group = Group(i, prompt)
+            for j in range(params.n):
+                group.samples.append(Sequence(seq_id, group, j, sample_generator(int(seed), j)))
+                seq_id += 1
+            groups.append(group)
+        return groups
+
+    def _loop(self, scheduler, runner, sampler, params, groups) -> None:
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=sum(len(g.samples) for g in groups), desc="rollout", unit="seq")
+        stop = set(params.stop_token_ids)
+        measure = False
+        while not scheduler.finished:
+            batch = scheduler.schedule()
+            logits = runner.run(batch)
+            if batch.prefill:
+                self.stats.prefill_steps += 1
+            else:
+                self.stats.decode_steps += 1
+            for group in batch.forks:  # the group's prompt blocks pass to its samples
+                for seq, table in zip(group.live, scheduler.blocks.fork(group.block_table,
+                                                                        len(group.live))):
+                    seq.block_table, seq.num_cached = table, len(group.prompt)
+                group.block_table = []
+            if batch.prefill or measure:
+                self._measure_prompt_blocks(scheduler)
+            measure = batch.prefill
+            if not logits.shape[0]:
+                continue
+            tokens, logprobs, seqs = sampler(batch, logits)
+            for seq, token, logprob in zip(seqs, tokens, logprobs):
+                if not batch.prefill:
+                    seq.num_cached += 1  # the token fed in this step is in the cache now
+                seq.output.append(token)
+                seq.logprobs.append(logprob)
+                self.stats.generated_tokens += 1
+                if token in stop or len(seq.output) >= params.max_new_tokens:
+                    seq.finish_reason = "stop" if token in stop else "length"
+                    seq.status = Status.FINISHED
+                    scheduler.blocks.release(seq.block_table)
+                    seq.block_table = []
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+
+    def _measure_prompt_blocks(self, scheduler) -> None:
+        held, per_copy = set(), 0
+        for g in scheduler.running:
+            prompt_blocks = scheduler.blocks.blocks_for(len(g.prompt))
+            for s in g.live:
+                held.update(s.block_table[:prompt_blocks])
+                per_copy += prompt_blocks
+        if len(held) > self.stats.prompt_blocks:
+            self.stats.prompt_blocks, self.stats.prompt_blocks_per_copy = len(held), per_copy
