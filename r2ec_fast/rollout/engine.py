@@ -243,3 +243,39 @@ class RolloutEngine:
                 per_copy += prompt_blocks
         if len(held) > self.stats.prompt_blocks:
             self.stats.prompt_blocks, self.stats.prompt_blocks_per_copy = len(held), per_copy
+
+
+class EngineRollout:
+    """The trainer's `Rollout` (see `hf.py`) through the paged engine: G samples per user drawn
+    with the training sampling settings, seeded per (step, user); greedy chains at evaluation.
+    Completions are cut at the answer marker (or end of turn) exactly as `HFRollout`'s are."""
+
+    def __init__(self, model, answer_id: int, temperature: float = 2.0, top_k: int = 200,
+                 top_p: float = 1.0, max_new_tokens: int = 300,
+                 eval_max_new_tokens: int | None = None, **engine_kwargs):
+        from .hf import stop_ids_of
+
+        self.model, self.answer_id = model, answer_id
+        self.stop_ids = stop_ids_of(model, answer_id)
+        self.pad_id = model.tokenizer.pad_token_id
+        stops = (answer_id, *sorted(self.stop_ids))
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                             max_new_tokens=max_new_tokens, stop_token_ids=stops)
+        self.greedy_params = SamplingParams(n=1, temperature=0.0, stop_token_ids=stops,
+                                            max_new_tokens=eval_max_new_tokens or max_new_tokens)
+        self.engine = RolloutEngine(model, **engine_kwargs)
+
+    def _trajectories(self, prompts, outs):
+        from .hf import finish
+
+        return [finish(p, s.token_ids, self.answer_id, self.stop_ids, None)
+                for p, out in zip(prompts, outs) for s in out.samples]
+
+    def sample(self, prompts, seeds, group_size):
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        params = SamplingParams(n=group_size, **self.sampling)
+        return self._trajectories(prompts, self.engine.generate(prompts, params, seeds=seeds))
+
+    def greedy(self, prompts):
+        return self._trajectories(prompts, self.engine.generate(prompts, self.greedy_params))

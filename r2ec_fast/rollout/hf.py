@@ -8,8 +8,9 @@ token loss) and whether the marker had to be appended.
 
 Sampling is seeded per (step, user): the G samples of a user do not depend on which other
 users share the batch, or on how users are spread over processes. `HFRollout` generates one
-prompt at a time (no padding, so the seeds mean the same on every batch); the paged engine of
-the rollout issue replaces it as the default.
+prompt at a time (no padding, so the seeds mean the same on every batch); the paged engine
+(`engine.EngineRollout`) is the trainer's default, this one stays selectable
+(`rollout.engine = "hf"`).
 """
 from __future__ import annotations
 
@@ -55,6 +56,16 @@ def finish(prompt: list[int], generated: list[int], answer_id: int, stop_ids: se
     return Trajectory(prompt, generated + [answer_id], len(generated))
 
 
+def stop_ids_of(model, answer_id: int) -> set[int]:
+    """End-of-turn ids that end a completion besides the answer marker: the generation
+    config's eos ids and the tokenizer's eos."""
+    eos = model.lm.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if model.tokenizer.eos_token_id is not None:
+        eos.append(model.tokenizer.eos_token_id)
+    return set(eos) - {answer_id}
+
+
 class HFRollout:
     """`Rollout` through `model.lm.generate` with the HF logits processors of DESIGN §4.5
     (temperature, top_k, top_p)."""
@@ -66,13 +77,8 @@ class HFRollout:
 
         self.model = model
         self.answer_id = answer_id
-        tok = model.tokenizer
-        eos = model.lm.generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        if tok.eos_token_id is not None:
-            eos.append(tok.eos_token_id)
-        self.stop_ids = set(eos) - {answer_id}
-        self.pad_id = tok.pad_token_id
+        self.stop_ids = stop_ids_of(model, answer_id)
+        self.pad_id = model.tokenizer.pad_token_id
         common = dict(eos_token_id=[answer_id, *sorted(self.stop_ids)], pad_token_id=self.pad_id,
                       bos_token_id=None, use_cache=True)
         self.sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or None,

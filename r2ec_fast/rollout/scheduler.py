@@ -56,7 +56,7 @@ class Scheduler:
 
     @property
     def finished(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and all(g.done for g in self.running)
 
     def num_running_seqs(self) -> int:
         return sum(len(g.live) for g in self.running)

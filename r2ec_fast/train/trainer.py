@@ -110,6 +110,7 @@ class Trainer:
         (default CUDA when available). Under a job the device is the job's."""
         from r2ec_fast.data.prompts import PromptConfig
         from r2ec_fast.model.encode import item_texts, tokenize_texts
+        from r2ec_fast.rollout.engine import EngineRollout
         from r2ec_fast.rollout.hf import HFRollout, NoReasoning
         from r2ec_fast.train.metrics import MetricsLogger, PhaseTimer
 
@@ -139,9 +140,15 @@ class Trainer:
         r = config.rollout
         self.group_size = r.group_size if config.algo == "recpo" else 1
         self.no_reasoning = NoReasoning(self.answer_id)  # contrastive steps
-        self.rollout = (HFRollout(self.model, self.answer_id, r.temperature, r.top_k, r.top_p,
-                                  r.max_new_tokens, r.eval_max_new_tokens)
-                        if config.algo == "recpo" else NoReasoning(self.answer_id))
+        if config.algo != "recpo":
+            self.rollout = NoReasoning(self.answer_id)
+        elif r.engine == "hf":
+            self.rollout = HFRollout(self.model, self.answer_id, r.temperature, r.top_k, r.top_p,
+                                     r.max_new_tokens, r.eval_max_new_tokens)
+        else:
+            self.rollout = EngineRollout(self.model, self.answer_id, r.temperature, r.top_k,
+                                         r.top_p, r.max_new_tokens, r.eval_max_new_tokens,
+                                         block_size=r.block_size, kv_budget=r.kv_budget or None)
         self.item_ids = tokenize_texts(tok, item_texts(tok, self.data.items,
                                                        self.data.category, self.prompt_config))
         self._user_ids: dict[str, list] = {}

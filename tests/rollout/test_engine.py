@@ -1,0 +1,204 @@
+"""RolloutEngine against HF generate, a fresh full forward and the trainer's log-probs; block
+accounting, preemption and seeding (issue 6, STYLE.md engine tests)."""
+import pytest
+import torch
+
+from r2ec_fast.ops import linear_log_probs
+from r2ec_fast.rollout.block_manager import BlockManager
+from r2ec_fast.rollout.engine import RolloutEngine, SamplingParams, parse_bytes
+from r2ec_fast.rollout.sampler import Sampler
+from r2ec_fast.rollout.scheduler import Scheduler
+from r2ec_fast.rollout.sequence import Group, Sequence, sample_generator
+
+from .conftest import ARCHS, make_prompts
+
+LENGTHS = [45, 7, 33, 64]  # around and across the block size 8 and the sliding window 32
+
+
+def hf_greedy(model, prompt, new_tokens):
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([prompt])
+    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    out = model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                            generation_config=config)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_hf_generate(models, arch):
+    model = models[arch]
+    prompts = make_prompts(model, LENGTHS)
+    engine = RolloutEngine(model, block_size=8)
+    outs = engine.generate(prompts, SamplingParams(n=1, temperature=0, max_new_tokens=24))
+    for i, (prompt, out) in enumerate(zip(prompts, outs)):
+        assert out.samples[0].token_ids == hf_greedy(model, prompt, 24), f"prompt {i}"
+        assert out.samples[0].finish_reason == "length"
+    assert model.config._attn_implementation != "r2ec_paged"  # restored after the call
+
+
+@pytest.fixture
+def recorded_draws(monkeypatch):
+    """Every (sequence tokens so far, logits row) the sampler sees."""
+    draws = []
+    original = Sampler.__call__
+
+    def spy(self, batch, logits):
+        seqs, index = self.draw_index(batch)
+        for seq, row in zip(seqs, index):
+            draws.append((seq.prompt + seq.output, logits[row].clone()))
+        return original(self, batch, logits)
+
+    monkeypatch.setattr(Sampler, "__call__", spy)
+    return draws
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_logits_equal_a_fresh_forward(models, arch, recorded_draws):
+    model = models[arch]
+    prompts = make_prompts(model, [40, 9], seed=1)
+    RolloutEngine(model, block_size=8).generate(
+        prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=5))
+    assert len(recorded_draws) == 2 * 3 * 12
+    worst = 0.0
+    for tokens, logits in recorded_draws:
+        with torch.no_grad():
+            full = model.lm(input_ids=torch.tensor([tokens])).logits[0, -1].float()
+        worst = max(worst, ((logits - full).norm() / full.norm()).item())
+    assert worst < 1e-5, worst
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logprobs_equal_the_trainers_linear_log_probs(models, arch):
+    model = models[arch]
+    prompts = make_prompts(model, [37, 12], seed=2)
+    temperature = 0.7
+    outs = RolloutEngine(model, block_size=8).generate(
+        prompts, SamplingParams(n=2, temperature=temperature, max_new_tokens=10, seed=3))
+    for prompt, out in zip(prompts, outs):
+        for s in out.samples:
+            tokens = torch.tensor([prompt + s.token_ids])
+            with torch.no_grad():
+                hidden = model.decoder()(input_ids=tokens, use_cache=False).last_hidden_state[0]
+            p = len(prompt)
+            want = linear_log_probs(hidden[p - 1:-1], model.lm_head_weight,
+                                    torch.tensor(s.token_ids), softcap=model.softcap,
+                                    temperature=temperature)
+            torch.testing.assert_close(torch.tensor(s.logprobs), want.double(), rtol=0,
+                                       atol=2e-5)
+
+
+def test_group_holds_its_prompt_blocks_once():
+    bs, p, g = 8, 37, 4  # 4 full prompt blocks and a partial one
+    blocks = BlockManager(64, bs)
+    scheduler = Scheduler(blocks, max_num_seqs=64, max_prefill_tokens=1024)
+    group = Group(0, list(range(100, 100 + p)))
+    group.samples = [Sequence(j, group, j, sample_generator(0, j)) for j in range(g)]
+    scheduler.add(group)
+    batch = scheduler.schedule()
+    assert batch.prefill and len(batch.rows) == 1 and batch.rows[0].draw_for == group.samples
+    assert blocks.num_used == 5  # the prompt, once
+    tables = blocks.fork(group.block_table, g)
+    for seq, table in zip(group.samples, tables):
+        seq.block_table, seq.num_cached = table, p
+        seq.output.append(7)
+    assert blocks.num_used == 5 and all(blocks.ref_count[b] == g for b in tables[0])
+    decode = scheduler.schedule()  # every sample writes position 37 in the partial block
+    assert not decode.prefill and len(decode.rows) == g
+    assert len(decode.copies) == g - 1  # copy on write; the last holder writes in place
+    held = {b for s in group.samples for b in s.block_table}
+    assert len(held) == 4 + g  # the full blocks still once
+    assert all(blocks.ref_count[b] == g for b in group.samples[0].block_table[:4])
+    assert len({r.slots[0] for r in decode.rows}) == g
+
+
+def test_engine_reports_prompt_kv_at_one_over_g(models):
+    model = models["qwen2"]
+    prompts = make_prompts(model, [32, 32, 32], seed=4)
+    engine = RolloutEngine(model, block_size=8)
+    engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=5))
+    s = engine.stats
+    assert (s.prompt_blocks, s.prompt_blocks_per_copy) == (3 * 4, 3 * 4 * 4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_preemption_gives_the_same_outputs(models, temperature):
+    model = models["gemma2"]
+    prompts = make_prompts(model, [30, 21, 44, 17, 26], seed=5)
+    params = SamplingParams(n=3, temperature=temperature, top_k=50, max_new_tokens=20, seed=9)
+    roomy = RolloutEngine(model, block_size=4)
+    ref = roomy.generate(prompts, params)
+    assert roomy.stats.preemptions == 0
+    per_block = 2 * 2 * 4 * 2 * 16 * 4  # k+v, 2 layers, 4 slots, 2 kv heads of 16, fp32
+    tight = RolloutEngine(model, block_size=4, kv_budget=70 * per_block)
+    got = tight.generate(prompts, params)
+    assert tight.stats.num_blocks == 70 and tight.stats.preemptions > 0
+    for r, o in zip(ref, got):
+        for a, b in zip(r.samples, o.samples):
+            assert a.token_ids == b.token_ids
+            torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs),
+                                       rtol=0, atol=1e-5)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batching(models):
+    model = models["qwen2"]
+    prompts = make_prompts(model, [20, 31, 9], seed=6)
+    params = SamplingParams(n=4, temperature=1.3, top_p=0.9, repetition_penalty=1.2,
+                            max_new_tokens=16)
+    engine = RolloutEngine(model, block_size=8)
+    a = engine.generate(prompts, params, seeds=[11, 12, 13])
+    b = engine.generate(prompts, params, seeds=[11, 12, 13])
+    alone = engine.generate(prompts[1:2], params, seeds=[12])
+    other = engine.generate(prompts, params, seeds=[21, 22, 23])
+    ids = lambda outs: [[s.token_ids for s in o.samples] for o in outs]  # noqa: E731
+    assert ids(a) == ids(b)
+    assert ids(alone)[0] == ids(a)[1]
+    assert ids(other) != ids(a)
+    assert len({tuple(t) for t in ids(a)[0]}) > 1  # the G samples differ
+
+
+def test_stop_tokens_end_a_sample_and_are_kept(models):
+    model = models["qwen2"]
+    prompt = make_prompts(model, [25], seed=7)
+    free = RolloutEngine(model).generate(prompt, SamplingParams(n=1, temperature=0,
+                                                                max_new_tokens=12))
+    tokens = free[0].samples[0].token_ids
+    stop = tokens[5]
+    cut = tokens.index(stop)
+    out = RolloutEngine(model).generate(prompt, SamplingParams(
+        n=1, temperature=0, max_new_tokens=12, stop_token_ids=[stop]))[0].samples[0]
+    assert out.token_ids == tokens[:cut + 1] and out.finish_reason == "stop"
+    assert len(out.logprobs) == len(out.token_ids)
+
+
+def test_triton_attention_backend_gives_the_same_greedy_tokens(models):
+    model = models["gemma2"]
+    prompts = make_prompts(model, [36, 10], seed=8)
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=6)
+    want = RolloutEngine(model, block_size=8, attn_backend="torch").generate(prompts, params)
+    got = RolloutEngine(model, block_size=8, attn_backend="triton").generate(prompts, params)
+    assert [[s.token_ids for s in o.samples] for o in got] == \
+        [[s.token_ids for s in o.samples] for o in want]
+
+
+def test_bad_input_is_refused_clearly(models):
+    model = models["qwen2"]
+    engine = RolloutEngine(model, block_size=8, kv_budget="1KiB")
+    params = SamplingParams(n=2, max_new_tokens=4)
+    with pytest.raises(ValueError, match="KV budget holds 0 blocks"):
+        engine.generate([[11, 12, 13]], params)
+    engine = RolloutEngine(model)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[11], []], params)
+    with pytest.raises(ValueError, match="outside"):
+        engine.generate([[11, 10**6]], params)
+    with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
+        engine.generate([[11], [12]], params, seeds=[1])
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="block_size"):
+        RolloutEngine(model, block_size=0)
+    with pytest.raises(ValueError, match="kv_budget"):
+        RolloutEngine(model, kv_budget="lots")
+    assert parse_bytes("1.5KiB") == 1536 and parse_bytes(100) == 100
