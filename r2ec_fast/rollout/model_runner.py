@@ -107,11 +107,13 @@ class ModelRunner:
         return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * head_dim * elem
 
     def allocate(self) -> None:
+        # zeros, not empty: slots past a sequence's length are read (whole pages) and weighted
+        # by 0, and 0 x a NaN left in fresh memory is NaN
         shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         dev, dt = self.model.device, self.model.dtype
-        self.cache = PagedKVCache([torch.empty(shape, device=dev, dtype=dt)
+        self.cache = PagedKVCache([torch.zeros(shape, device=dev, dtype=dt)
                                    for _ in range(self.num_layers)],
-                                  [torch.empty(shape, device=dev, dtype=dt)
+                                  [torch.zeros(shape, device=dev, dtype=dt)
                                    for _ in range(self.num_layers)], backend=self.backend)
 
     def release(self) -> None:

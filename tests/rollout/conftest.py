@@ -5,9 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-ARCHS = ("gemma2", "qwen2")
 TEXT = ("retro arcade puzzle racing quest dragon castle wireless controller headset charger "
         "cable memory card edition deluxe bundle classic remastered strategy shooter")
 
@@ -19,14 +17,8 @@ def models(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("tiny-rollout")
     out = {}
-    for arch in ARCHS:
+    for arch in ("gemma2", "qwen2"):
         path = make_tiny_model(arch, [TEXT] * 4, root / arch, vocab_size=512, seed=1)
         out[arch] = DualHeadModel.from_pretrained(path, device="cpu")
     return out
 
-
-def make_prompts(model, lengths, seed=0) -> list[list[int]]:
-    """Random prompts of the given lengths (ids above the special tokens)."""
-    g = torch.Generator().manual_seed(seed)
-    vocab = model.lm_head_weight.shape[0]
-    return [torch.randint(10, vocab, (n,), generator=g).tolist() for n in lengths]

@@ -10,9 +10,15 @@ from r2ec_fast.rollout.sampler import Sampler
 from r2ec_fast.rollout.scheduler import Scheduler
 from r2ec_fast.rollout.sequence import Group, Sequence, sample_generator
 
-from .conftest import ARCHS, make_prompts
-
+ARCHS = ("gemma2", "qwen2")
 LENGTHS = [45, 7, 33, 64]  # around and across the block size 8 and the sliding window 32
+
+
+def make_prompts(model, lengths, seed=0) -> list[list[int]]:
+    """Random prompts of the given lengths (ids above the special tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.lm_head_weight.shape[0]
+    return [torch.randint(10, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 def hf_greedy(model, prompt, new_tokens):
@@ -85,7 +91,7 @@ def test_logprobs_equal_the_trainers_linear_log_probs(models, arch):
             want = linear_log_probs(hidden[p - 1:-1], model.lm_head_weight,
                                     torch.tensor(s.token_ids), softcap=model.softcap,
                                     temperature=temperature)
-            torch.testing.assert_close(torch.tensor(s.logprobs), want.double(), rtol=0,
+            torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64), want.double(), rtol=0,
                                        atol=2e-5)
 
 
