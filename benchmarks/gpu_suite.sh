@@ -6,10 +6,12 @@
 #
 # Stages run in order, each under `timeout`; a failed stage is reported and the next one still
 # runs (a failing test must not hide the benchmark numbers). Exit status 1 if any stage failed.
-# Stage limits: install 20 s, import 20 s, pytest 140 s, catalog bench 130 s, token_logp bench
-# (quick shapes + the Gemma-2-2B T = 8192 acceptance case) 110 s; with 10 s of kill grace
-# each, at most 470 s. The token_logp stage has not run on a GPU yet (no device time left). Measured on an H100:
-# install 4-5 s, import 5-6 s, pytest 84-122 s, catalog bench 55-65 s.
+# Stage limits: install 15 s, import 15 s, pytest 130 s, catalog bench 80 s, token_logp bench
+# (quick shapes + the Gemma-2-2B T = 8192 acceptance case) 80 s, rollout bench (quick: the
+# Gemma-2-2B shape, B 16 x G 4, 1,024-token prompts, 128 new tokens) 90 s; with 10 s of kill
+# grace each, at most 470 s. Measured on an H100 before the token_logp and rollout stages
+# existed: install 4-5 s, import 5-6 s, pytest 84-122 s, catalog bench 55-65 s; the token_logp
+# and rollout stages have not run on a GPU yet (no device time in their sessions).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -43,19 +45,22 @@ stage() {
     python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
 } >"$OUT/environment.txt" 2>&1
 
-stage install 20 python3 -m pip install -q --no-deps --no-build-isolation -e .
-if ! stage import 20 python3 -c "import torch, r2ec_fast.kernels; assert torch.cuda.is_available(), 'no CUDA device'"; then
+stage install 15 python3 -m pip install -q --no-deps --no-build-isolation -e .
+if ! stage import 15 python3 -c "import torch, r2ec_fast.kernels; assert torch.cuda.is_available(), 'no CUDA device'"; then
     echo "r2ec_fast.kernels does not import or no CUDA device: see $OUT/import.err"
     exit 1
 fi
-stage pytest-gpu 140 python3 -m pytest -m gpu -q -p no:cacheprovider
+stage pytest-gpu 130 python3 -m pytest -m gpu -q -p no:cacheprovider
 tail -n 3 "$OUT/pytest-gpu.log"
-stage bench-catalog 130 python3 -m r2ec_fast.cli bench --op catalog --device cuda \
+stage bench-catalog 80 python3 -m r2ec_fast.cli bench --op catalog --device cuda \
     --json "$OUT/catalog-cuda.json"
 cat "$OUT/bench-catalog.log"
-stage bench-token_logp 110 python3 -m r2ec_fast.cli bench --op token_logp --device cuda --quick \
+stage bench-token_logp 80 python3 -m r2ec_fast.cli bench --op token_logp --device cuda --quick \
     --json "$OUT/token_logp-cuda.json"
 cat "$OUT/bench-token_logp.log"
+stage bench-rollout 90 python3 -m r2ec_fast.cli bench --op rollout --device cuda --quick \
+    --json "$OUT/rollout-cuda.json"
+cat "$OUT/bench-rollout.log"
 
 echo "== done in $(( $(date +%s) - SUITE_START ))s; logs and reports in $OUT"
 if [ "${#FAILED[@]}" -gt 0 ]; then

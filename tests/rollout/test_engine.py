@@ -208,3 +208,20 @@ def test_bad_input_is_refused_clearly(models):
     with pytest.raises(ValueError, match="kv_budget"):
         RolloutEngine(model, kv_budget="lots")
     assert parse_bytes("1.5KiB") == 1536 and parse_bytes(100) == 100
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trainer_rollout_greedy_equals_the_hf_rollout(models, arch):
+    from r2ec_fast.data.prompts import PromptConfig
+    from r2ec_fast.rollout.engine import EngineRollout
+    from r2ec_fast.rollout.hf import HFRollout
+
+    model = models[arch]
+    answer_id = model.tokenizer.convert_tokens_to_ids(PromptConfig().answer_start)
+    prompts = make_prompts(model, [30, 12], seed=9)
+    ours = EngineRollout(model, answer_id, max_new_tokens=9, block_size=8).greedy(prompts)
+    theirs = HFRollout(model, answer_id, max_new_tokens=9).greedy(prompts)
+    assert ours == theirs
+    samples = EngineRollout(model, answer_id, max_new_tokens=9).sample(prompts, [1, 2], 3)
+    assert len(samples) == 6 and all(t.completion[-1] == answer_id for t in samples)
+    assert [t.prompt for t in samples] == [prompts[0]] * 3 + [prompts[1]] * 3

@@ -31,6 +31,8 @@ def test_overrides_are_typed():
     ("recpo.eps_low=1.5", r"recpo\.eps_low must be in \[0, 1\)"),
     ("optim.micro_batch_users=99", r"optim\.micro_batch_users must be in \[0, users_per_step"),
     ("rollout.temprature=1", r"unknown config key 'rollout\.temprature'"),
+    ("rollout.engine=vllm", r"rollout\.engine must be 'paged' or 'hf', got 'vllm'"),
+    ("rollout.kv_budget=lots", r"rollout\.kv_budget must be a size like '8GiB'"),
     ("nonsense.key=1", r"unknown config key 'nonsense\.key'"),
     ("algo", r"expected key=value"),
     ("model.dtype=float8", r"model\.dtype must be auto"),

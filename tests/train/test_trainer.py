@@ -41,10 +41,15 @@ def root(tmp_path_factory):
     return root
 
 
-def test_one_full_step(root):
+@pytest.mark.parametrize("engine", ["paged", "hf"])
+def test_one_full_step(root, engine):
+    from r2ec_fast.rollout.engine import EngineRollout
+    from r2ec_fast.rollout.hf import HFRollout
     from r2ec_fast.train.trainer import Trainer
 
-    trainer = Trainer(tiny_config(root), root / "one", progress=False)
+    trainer = Trainer(tiny_config(root, **{"rollout.engine": engine}), root / f"one-{engine}",
+                      progress=False)
+    assert isinstance(trainer.rollout, EngineRollout if engine == "paged" else HFRollout)
     before = {n: p.detach().clone() for n, p in trainer.model.lm.named_parameters()}
     table_before = trainer.model.item_table.weight.clone()
     metrics = trainer.train_step()
