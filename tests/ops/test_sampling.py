@@ -239,7 +239,7 @@ def test_backend_selection(monkeypatch):
                                   backend=name)[0], ref[0])
     for env in ("triton", "reference", "cuda", "torch"):  # never an error on CPU tensors
         monkeypatch.setenv("R2EC_BACKEND", env)
-        assert sampling._resolve_backend(None, logits, 1.0, 1.0) == "torch"
+        assert sampling._resolve_backend(None, logits, 1.0, 1.0, 1.0) == "torch"
         assert torch.equal(sample(logits, prev_tokens=prev, repetition_penalty=1.2,
                                   uniform=u)[0], ref[0])
 
@@ -394,7 +394,7 @@ def test_gpu_cuda_kernel_matches_the_torch_path(dtype, shape):
         sure = same_set & clear
         assert torch.equal(tokens[sure], t_tok.cpu()[sure]), name
         assert_close_verbose(logprobs[sure], t_lp.cpu()[sure], atol=1e-4, name=name)
-        assert int(sure.sum()) >= b // 4, f"{name}: only {int(sure.sum())} rows compared"
+        assert int(sure.sum()) >= max(1, b // 8), f"{name}: only {int(sure.sum())} rows compared"
         auto = sample(logits_dev, *settings, prev_tokens=prev_dev, uniform=u_dev)
         assert torch.equal(auto[0].cpu(), tokens), f"{name}: automatic dispatch"
 
