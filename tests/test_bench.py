@@ -161,6 +161,25 @@ def test_token_logp_smoke(tmp_path):
     assert set(rows["torch fwd+bwd"]["errors"]) == {"logp", "grad_hidden", "grad_weight"}
 
 
+def test_rollout_smoke(tmp_path):
+    """The rollout benchmark end to end: both HF rows and the engine timed, the engine's
+    log-probs within fp32 tolerance of float64, the prompt-sharing check passed."""
+    path = tmp_path / "rollout-smoke.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = main(["bench", "--op", "rollout", "--smoke", "--device", "cpu",
+                       "--no-memory", "--json", str(path)])
+    assert status == 0, stdout.getvalue()
+    (case,) = json.loads(path.read_text())["cases"]
+    rows = {r["impl"]: r for r in case["results"]}
+    assert set(rows) == {"hf_generate", "hf_generate_per_prompt", "engine"}
+    assert all(r["time_ms"]["median"] > 0 for r in rows.values())
+    assert rows["engine"]["max_error"] <= TOLERANCE[torch.float32], rows["engine"]
+    checks = {c["name"]: c for c in case["checks"]}
+    sharing = next(c for name, c in checks.items() if name.startswith("prompt KV held once"))
+    assert sharing["passed"] is True, sharing
+
+
 def test_acceptance_verdicts():
     """The acceptance checks of both benchmarks pass, fail and say 'not measured' as they should."""
     from r2ec_fast.benchmarks import bench_catalog, bench_token_logp

@@ -159,7 +159,9 @@ class RolloutEngine:
                 f"({len(prompts[i])} tokens, n={params.n}, max_new_tokens="
                 f"{params.max_new_tokens}) can need {worst[i]}: raise kv_budget or lower n / "
                 "max_new_tokens")
-        num_blocks = min(budget, sum(worst))
+        # enough for every group at its longest plus the scheduler's headroom of a block per
+        # sequence: then a roomy budget admits everything at once and never preempts
+        num_blocks = min(budget, sum(worst) + len(prompts) * params.n)
         blocks = BlockManager(num_blocks, self.block_size)
         scheduler = Scheduler(blocks, self.max_num_seqs, self.max_prefill_tokens)
         runner = ModelRunner(self.model, self.block_size, num_blocks, self.attn_backend)
