@@ -24,7 +24,7 @@ def make_prompts(model, lengths, seed=0) -> list[list[int]]:
 def hf_greedy(model, prompt, new_tokens):
     from transformers import GenerationConfig
 
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                               eos_token_id=None, pad_token_id=0, bos_token_id=None)
     out = model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
@@ -225,3 +225,25 @@ def test_trainer_rollout_greedy_equals_the_hf_rollout(models, arch):
     samples = EngineRollout(model, answer_id, max_new_tokens=9).sample(prompts, [1, 2], 3)
     assert len(samples) == 6 and all(t.completion[-1] == answer_id for t in samples)
     assert [t.prompt for t in samples] == [prompts[0]] * 3 + [prompts[1]] * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_on_cuda_greedy_equals_hf_generate(models, arch):
+    """Triton attention kernels and the CUDA sampler inside the engine, fp32 on the GPU."""
+    import copy
+
+    model = copy.deepcopy(models[arch])
+    model.lm.to("cuda")
+    prompts = make_prompts(model, LENGTHS, seed=10)
+    outs = RolloutEngine(model, block_size=16).generate(
+        prompts, SamplingParams(n=2, temperature=0, max_new_tokens=16))
+    for prompt, out in zip(prompts, outs):
+        want = hf_greedy(model, prompt, 16)
+        assert [s.token_ids for s in out.samples] == [want, want]
+    sampled = RolloutEngine(model, block_size=16).generate(
+        prompts, SamplingParams(n=4, temperature=1.0, top_k=50, max_new_tokens=16, seed=3))
+    again = RolloutEngine(model, block_size=16).generate(
+        prompts, SamplingParams(n=4, temperature=1.0, top_k=50, max_new_tokens=16, seed=3))
+    assert [[s.token_ids for s in o.samples] for o in sampled] == \
+        [[s.token_ids for s in o.samples] for o in again]
