@@ -161,7 +161,8 @@ def _checks(spec, device: str, stats: dict):
              for k in ("engine", "hf_generate", "hf_generate_per_prompt")
              if "time_ms" in results.get(k, {})}
         rate = {k: b * g * n / (v * 1e-3) for k, v in t.items()}
-        speedup = rate["engine"] / rate["hf_generate"] if len(rate) == 2 else None
+        speedup = (rate["engine"] / rate["hf_generate"]
+                   if "engine" in rate and "hf_generate" in rate else None)
         value = ("not measured" if speedup is None else
                  f"{rate['engine']:.0f} vs {rate['hf_generate']:.0f} tokens/s = {speedup:.2f}x")
         out = [{"name": f"engine tokens/s >= {target}x HF generate's" if acceptance else
