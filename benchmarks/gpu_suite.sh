@@ -50,8 +50,15 @@ if ! stage import 15 python3 -c "import torch, r2ec_fast.kernels; assert torch.c
     echo "r2ec_fast.kernels does not import or no CUDA device: see $OUT/import.err"
     exit 1
 fi
+# the CUDA sampler (csrc/sampling.cu) is JIT-built on first use, about a minute: start the
+# build now so that it overlaps the GPU tests (a test that needs it first waits on torch's
+# build lock, then loads the same binary)
+timeout 240 python3 -c "import sys; from r2ec_fast.ops.sampling import _cuda_extension; \
+sys.exit(_cuda_extension() is None)" >"$OUT/build-csrc.log" 2>&1 &
+BUILD_PID=$!
 stage pytest-gpu 130 python3 -m pytest -m gpu -q -p no:cacheprovider
 tail -n 3 "$OUT/pytest-gpu.log"
+if wait "$BUILD_PID"; then echo "== csrc build: ok"; else echo "== csrc build FAILED: see $OUT/build-csrc.log"; FAILED+=("build-csrc"); fi
 stage bench-catalog 80 python3 -m r2ec_fast.cli bench --op catalog --device cuda \
     --json "$OUT/catalog-cuda.json"
 cat "$OUT/bench-catalog.log"
