@@ -55,7 +55,7 @@ def _gemma2_2b_shaped(layers: int, seed: int):
     """Random weights in Gemma-2-2B's shape (bf16, CUDA), no tokenizer needed."""
     from transformers import AutoModelForCausalLM, Gemma2Config
 
-    from ..model.dual_head import DualHeadModel
+    from ..model.dual_head import DualHeadModel, hf_dtype_kwarg
 
     config = Gemma2Config(vocab_size=256000, hidden_size=2304, intermediate_size=9216,
                           num_hidden_layers=layers, num_attention_heads=8,
@@ -64,7 +64,7 @@ def _gemma2_2b_shaped(layers: int, seed: int):
                           final_logit_softcapping=30.0, max_position_embeddings=8192)
     torch.manual_seed(seed)
     with torch.device("cuda"):
-        lm = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        lm = AutoModelForCausalLM.from_config(config, **{hf_dtype_kwarg(): torch.bfloat16})
     return DualHeadModel(lm.eval(), tokenizer=None)
 
 
