@@ -24,22 +24,27 @@ from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import Group, SamplingParams, Sequence, Status, sample_generator
 
-__all__ = ["RolloutEngine", "SamplingParams", "RequestOutput", "SampleOutput", "parse_bytes"]
+__all__ = ["RolloutEngine", "SamplingParams", "RequestOutput", "SampleOutput", "parse_budget"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
           "gib": 2**30}
+_BUDGET_HELP = "bytes (int), a size like '2GiB' or a block count like '512 blocks'"
 
 
-def parse_bytes(value: int | str) -> int:
-    """An int (bytes) or a string such as "512MiB" / "2 GiB" / "1.5GB"."""
+def parse_budget(value: int | str) -> tuple[int, str]:
+    """(amount, "bytes" | "blocks") from an int (bytes) or a string: "512MiB", "2 GiB",
+    "1.5GB", "512 blocks"."""
     if isinstance(value, bool):
-        raise ValueError(f"kv_budget must be bytes (int) or a size like '2GiB', got {value!r}")
+        raise ValueError(f"kv_budget must be {_BUDGET_HELP}, got {value!r}")
     if isinstance(value, int):
-        return value
+        return value, "bytes"
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"kv_budget must be bytes (int) or a size like '2GiB', got {value!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    unit = match.group(2).lower() if match else None
+    if unit in ("block", "blocks") and match.group(1).isdigit():
+        return int(match.group(1)), "blocks"
+    if unit not in _UNITS:
+        raise ValueError(f"kv_budget must be {_BUDGET_HELP}, got {value!r}")
+    return int(float(match.group(1)) * _UNITS[unit]), "bytes"
 
 
 @dataclass
@@ -79,8 +84,8 @@ class RolloutEngine:
                  max_num_seqs: int = 256, max_prefill_tokens: int = 8192,
                  attn_backend: str | None = None, sample_backend: str | None = None,
                  progress: bool = False):
-        """model: a `DualHeadModel`. kv_budget: the most bytes the KV cache may take (int or
-        "2GiB"); default: on CUDA half of the free device memory at each call, on CPU 2 GiB.
+        """model: a `DualHeadModel`. kv_budget: the most the KV cache may take, in bytes (an
+        int, or "2GiB") or in blocks ("512 blocks"); default: on CUDA half of the free device memory at each call, on CPU 2 GiB.
         The cache never takes more than the call can use. attn_backend / sample_backend: force
         an implementation of the paged-attention / sampling ops (default: automatic)."""
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
@@ -89,8 +94,8 @@ class RolloutEngine:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.model = model
         self.block_size = block_size
-        self.kv_budget = None if kv_budget is None else parse_bytes(kv_budget)
-        if self.kv_budget is not None and self.kv_budget < 1:
+        self.kv_budget = None if kv_budget is None else parse_budget(kv_budget)
+        if self.kv_budget is not None and self.kv_budget[0] < 1:
             raise ValueError(f"kv_budget must be positive, got {kv_budget!r}")
         self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
         self.attn_backend, self.sample_backend = attn_backend, sample_backend
@@ -101,7 +106,9 @@ class RolloutEngine:
 
     def _budget_blocks(self) -> int:
         per_block = ModelRunner.bytes_per_block(self.model, self.block_size)
-        budget = self.kv_budget
+        if self.kv_budget is not None and self.kv_budget[1] == "blocks":
+            return self.kv_budget[0]
+        budget = None if self.kv_budget is None else self.kv_budget[0]
         if budget is None:
             if self.model.device.type == "cuda":
                 budget = torch.cuda.mem_get_info(self.model.device)[0] // 2

@@ -82,19 +82,19 @@ class RolloutConfig:
     eval_max_new_tokens: int = 300  # greedy reasoning at evaluation
     engine: str = "paged"  # paged (r2ec_fast.rollout.RolloutEngine) | hf (transformers generate)
     block_size: int = 16  # paged engine: tokens per KV block
-    kv_budget: str = ""  # paged engine: KV cache limit, e.g. "8GiB" ("": half the free memory)
+    kv_budget: str = ""  # paged engine: KV cache limit, "8GiB" or "4096 blocks" ("": half the free memory)
 
     def validate(self, p: str = "rollout") -> None:
         _require(self.engine in ("paged", "hf"), f"{p}.engine", "must be 'paged' or 'hf'",
                  self.engine)
         _require(self.block_size >= 1, f"{p}.block_size", "must be >= 1", self.block_size)
         if self.kv_budget:
-            from r2ec_fast.rollout.engine import parse_bytes
+            from r2ec_fast.rollout.engine import parse_budget
             try:
-                parse_bytes(self.kv_budget)
+                parse_budget(self.kv_budget)
             except ValueError:
-                _require(False, f"{p}.kv_budget", "must be a size like '8GiB' or '' (auto)",
-                         self.kv_budget)
+                _require(False, f"{p}.kv_budget", "must be a size like '8GiB', a block count "
+                         "like '4096 blocks' or '' (auto)", self.kv_budget)
         _require(self.group_size >= 1, f"{p}.group_size", "must be >= 1", self.group_size)
         _require(self.temperature > 0, f"{p}.temperature", "must be > 0", self.temperature)
         _require(self.top_k >= 0, f"{p}.top_k", "must be >= 0 (0: off)", self.top_k)

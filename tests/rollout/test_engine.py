@@ -5,7 +5,7 @@ import torch
 
 from r2ec_fast.ops import linear_log_probs
 from r2ec_fast.rollout.block_manager import BlockManager
-from r2ec_fast.rollout.engine import RolloutEngine, SamplingParams, parse_bytes
+from r2ec_fast.rollout.engine import RolloutEngine, SamplingParams, parse_budget
 from r2ec_fast.rollout.sampler import Sampler
 from r2ec_fast.rollout.scheduler import Scheduler
 from r2ec_fast.rollout.sequence import Group, Sequence, sample_generator
@@ -140,6 +140,10 @@ def test_preemption_gives_the_same_outputs(models, temperature):
     tight = RolloutEngine(model, block_size=4, kv_budget=70 * per_block)
     got = tight.generate(prompts, params)
     assert tight.stats.num_blocks == 70 and tight.stats.preemptions > 0
+    counted = RolloutEngine(model, block_size=4, kv_budget="70 blocks")
+    assert [[s.token_ids for s in o.samples] for o in counted.generate(prompts, params)] == \
+        [[s.token_ids for s in o.samples] for o in got]
+    assert counted.stats.num_blocks == 70
     for r, o in zip(ref, got):
         for a, b in zip(r.samples, o.samples):
             assert a.token_ids == b.token_ids
@@ -207,7 +211,10 @@ def test_bad_input_is_refused_clearly(models):
         RolloutEngine(model, block_size=0)
     with pytest.raises(ValueError, match="kv_budget"):
         RolloutEngine(model, kv_budget="lots")
-    assert parse_bytes("1.5KiB") == 1536 and parse_bytes(100) == 100
+    assert parse_budget("1.5KiB") == (1536, "bytes") and parse_budget(100) == (100, "bytes")
+    assert parse_budget("512 blocks") == (512, "blocks")
+    with pytest.raises(ValueError, match="kv_budget"):
+        RolloutEngine(model, kv_budget="1.5 blocks")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

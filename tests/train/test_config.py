@@ -32,7 +32,7 @@ def test_overrides_are_typed():
     ("optim.micro_batch_users=99", r"optim\.micro_batch_users must be in \[0, users_per_step"),
     ("rollout.temprature=1", r"unknown config key 'rollout\.temprature'"),
     ("rollout.engine=vllm", r"rollout\.engine must be 'paged' or 'hf', got 'vllm'"),
-    ("rollout.kv_budget=lots", r"rollout\.kv_budget must be a size like '8GiB'"),
+    ("rollout.kv_budget=lots", r"rollout\.kv_budget must be a size like '8GiB', a block count"),
     ("nonsense.key=1", r"unknown config key 'nonsense\.key'"),
     ("algo", r"expected key=value"),
     ("model.dtype=float8", r"model\.dtype must be auto"),
