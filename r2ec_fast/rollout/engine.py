@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .block_manager import BlockManager
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, text_config
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import Group, SamplingParams, Sequence, Status, sample_generator
@@ -76,7 +76,6 @@ class EngineStats:
     prefill_steps: int = 0
     decode_steps: int = 0
     generated_tokens: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class RolloutEngine:
@@ -129,7 +128,7 @@ class RolloutEngine:
         if not isinstance(prompts, (list, tuple)):
             raise TypeError("prompt_token_ids must be a list of token-id lists")
         vocab = self.model.lm_head_weight.shape[0]
-        limit = ModelRunner(self.model, self.block_size, 1).max_positions
+        limit = getattr(text_config(self.model), "max_position_embeddings", None)
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")

@@ -95,7 +95,6 @@ class ModelRunner:
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self.block_size, self.num_blocks, self.backend = block_size, num_blocks, backend
         self.cache: PagedKVCache | None = None
 
