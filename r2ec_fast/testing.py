@@ -69,3 +69,11 @@ def assert_three_way(out: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor
     if not err <= bound:
         raise AssertionError(f"{name}: relative error {err:.3e} exceeds {bound:.3e}")
     return err
+
+
+def poisoned_empty(shape, dtype, device) -> torch.Tensor:
+    """A stand-in for the kernels' `_empty` allocation hook: NaN for float buffers, the
+    dtype's most negative value for integer ones, so that any element a kernel fails to
+    write shows up in the comparison."""
+    fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+    return torch.full(shape, fill, dtype=dtype, device=device)

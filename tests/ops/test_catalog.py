@@ -17,7 +17,8 @@ from r2ec_fast.ops import (
     score_catalog_reference,
 )
 from r2ec_fast.ops import catalog as catalog_mod
-from r2ec_fast.testing import TOLERANCE, assert_close_verbose, assert_three_way, rel_error
+from r2ec_fast.testing import (TOLERANCE, assert_close_verbose, assert_three_way,
+                               poisoned_empty, rel_error)
 
 BACKENDS = ["torch", "triton"]
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -208,11 +209,7 @@ def test_triton_writes_every_output(monkeypatch):
     """Poison every buffer the kernels must write: NaN / extreme integers must not survive."""
     from r2ec_fast.kernels import catalog as kern
 
-    def poisoned(shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        return t.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)
-
-    monkeypatch.setattr(kern, "_empty", poisoned)
+    monkeypatch.setattr(kern, "_empty", poisoned_empty)
     user, items, target, exclude = make_case(19, 130, 40, seed=19)
     out = score_catalog(user, items, target, exclude, topk=16, backend="triton")
     ref = score_catalog_reference(user, items, target, exclude, topk=16)

@@ -16,7 +16,8 @@ from r2ec_fast.ops.paged_attention import (
     prefill_attention,
     prefill_attention_reference,
 )
-from r2ec_fast.testing import TOLERANCE, assert_close_verbose, assert_three_way, rel_error
+from r2ec_fast.testing import (TOLERANCE, assert_close_verbose, assert_three_way,
+                               poisoned_empty, rel_error)
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -208,14 +209,10 @@ def test_torch_batching_does_not_change_results(monkeypatch):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Every buffer the kernels must fully write starts as NaN."""
+    """Every buffer the kernels must fully write starts as NaN (integers: their minimum)."""
     from r2ec_fast.kernels import paged_attention as kern
 
-    def empty(shape, dtype, device):
-        return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype,
-                          device=device)
-
-    monkeypatch.setattr(kern, "_empty", empty)
+    monkeypatch.setattr(kern, "_empty", poisoned_empty)
     return kern
 
 

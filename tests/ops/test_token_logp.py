@@ -4,7 +4,7 @@ import torch
 
 from r2ec_fast.ops import linear_log_probs, linear_log_probs_reference, recpo_token_loss
 from r2ec_fast.ops import token_logp as mod
-from r2ec_fast.testing import TOLERANCE, assert_three_way, rel_error
+from r2ec_fast.testing import TOLERANCE, assert_three_way, poisoned_empty, rel_error
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -173,14 +173,10 @@ def reference_grads(hidden, weight, targets, softcap, temperature, g_logp, g_ent
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Every buffer the kernels must fully write starts as NaN."""
+    """Every buffer the kernels must fully write starts as NaN (integers: their minimum)."""
     from r2ec_fast.kernels import token_logp as kern
 
-    def empty(shape, dtype, device):
-        return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype,
-                          device=device)
-
-    monkeypatch.setattr(kern, "_empty", empty)
+    monkeypatch.setattr(kern, "_empty", poisoned_empty)
     return kern
 
 
