@@ -218,7 +218,7 @@ class RolloutEngine:
             for group in batch.forks:  # the group's prompt blocks pass to its samples
                 for seq, table in zip(group.live, scheduler.blocks.fork(group.block_table,
                                                                         len(group.live))):
-                    seq.block_table, seq.num_cached = table, len(group.prompt)
+                    seq.block_table = table
                 group.block_table = []
             if batch.prefill or measure:
                 self._measure_prompt_blocks(scheduler)
@@ -227,8 +227,6 @@ class RolloutEngine:
                 continue
             tokens, logprobs, seqs = sampler(batch, logits)
             for seq, token, logprob in zip(seqs, tokens, logprobs):
-                if not batch.prefill:
-                    seq.num_cached += 1  # the token fed in this step is in the cache now
                 seq.output.append(token)
                 seq.logprobs.append(logprob)
                 self.stats.generated_tokens += 1

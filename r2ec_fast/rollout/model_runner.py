@@ -40,10 +40,6 @@ class PagedKVCache:
     cu_seqlens_q: torch.Tensor | None = None  # [B + 1] int32; None on decode steps
     backend: str | None = None
 
-    @property
-    def block_size(self) -> int:
-        return self.k[0].shape[1]
-
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return

@@ -47,9 +47,8 @@ class Scheduler:
         self.blocks = blocks
         self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
         self.waiting: deque[Group] = deque()
-        self.running: list[Group] = []
+        self.running: list[Group] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
-        self._arrivals = 0
 
     def add(self, group: Group) -> None:
         self.waiting.append(group)
@@ -93,8 +92,6 @@ class Scheduler:
                 break
             self.waiting.popleft()
             tokens += self._prefill_tokens(group)
-            group.arrival = self._arrivals
-            self._arrivals += 1
             self.running.append(group)
             for seq in live:
                 seq.status = Status.RUNNING
@@ -137,7 +134,6 @@ class Scheduler:
             if count > 0:
                 tokens = [seq.token(q) for q in range(shared, shared + count)]
                 batch.rows.append(Row(tokens, shared, own, self._slots(own, shared, count)))
-            seq.num_cached = seq.num_tokens - 1
 
     def _decode(self) -> Batch:
         batch = Batch(prefill=False, rows=[])
@@ -170,7 +166,7 @@ class Scheduler:
         batch.rows = [r for r in batch.rows if not (r.draw_for and id(r.draw_for[0]) in mine)]
         for seq in group.live:
             self.blocks.release(seq.block_table)
-            seq.block_table, seq.num_cached, seq.status = [], 0, Status.WAITING
+            seq.block_table, seq.status = [], Status.WAITING
         # copies into blocks that were just freed are moot (and their blocks may be reused)
         batch.copies = [c for c in batch.copies if self.blocks.ref_count[c[1]] > 0]
         self.waiting.appendleft(group)

@@ -74,7 +74,6 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
-    num_cached: int = 0  # tokens whose K/V are in the cache (the prompt's included)
     finish_reason: str | None = None
     status: Status = Status.WAITING
 
@@ -103,7 +102,6 @@ class Group:
     prompt: list[int]
     samples: list[Sequence] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
-    arrival: int = 0  # admission order: the latest admitted is preempted first
 
     @property
     def live(self) -> list[Sequence]:

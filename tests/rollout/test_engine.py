@@ -107,7 +107,7 @@ def test_group_holds_its_prompt_blocks_once():
     assert blocks.num_used == 5  # the prompt, once
     tables = blocks.fork(group.block_table, g)
     for seq, table in zip(group.samples, tables):
-        seq.block_table, seq.num_cached = table, p
+        seq.block_table = table
         seq.output.append(7)
     assert blocks.num_used == 5 and all(blocks.ref_count[b] == g for b in tables[0])
     decode = scheduler.schedule()  # every sample writes position 37 in the partial block
