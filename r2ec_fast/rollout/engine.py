@@ -76,17 +76,23 @@ class EngineStats:
     prefill_steps: int = 0
     decode_steps: int = 0
     generated_tokens: int = 0
+    graph_captures: int = 0  # decode batch sizes captured as CUDA graphs
 
 
 class RolloutEngine:
     def __init__(self, model, block_size: int = 16, kv_budget: int | str | None = None,
                  max_num_seqs: int = 256, max_prefill_tokens: int = 8192,
                  attn_backend: str | None = None, sample_backend: str | None = None,
-                 progress: bool = False):
+                 decode_graphs: bool | None = None, progress: bool = False):
         """model: a `DualHeadModel`. kv_budget: the most the KV cache may take, in bytes (an
         int, or "2GiB") or in blocks ("512 blocks"); default: on CUDA half of the free device memory at each call, on CPU 2 GiB.
         The cache never takes more than the call can use. attn_backend / sample_backend: force
-        an implementation of the paged-attention / sampling ops (default: automatic)."""
+        an implementation of the paged-attention / sampling ops (default: automatic).
+        decode_graphs: replay decode steps from CUDA graphs, one per padded batch size
+        (`graph_runner.py`; default: on when the model is on CUDA); on CPU, True runs the same
+        padded static decode path eagerly."""
+        if decode_graphs is not None and not isinstance(decode_graphs, bool):
+            raise ValueError(f"decode_graphs must be True, False or None, got {decode_graphs!r}")
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_prefill_tokens", max_prefill_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -98,6 +104,7 @@ class RolloutEngine:
             raise ValueError(f"kv_budget must be positive, got {kv_budget!r}")
         self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
         self.attn_backend, self.sample_backend = attn_backend, sample_backend
+        self.decode_graphs = decode_graphs
         self.progress = progress
         self.stats = EngineStats()
 
@@ -170,7 +177,12 @@ class RolloutEngine:
         num_blocks = min(budget, sum(worst) + len(prompts) * params.n)
         blocks = BlockManager(num_blocks, self.block_size)
         scheduler = Scheduler(blocks, self.max_num_seqs, self.max_prefill_tokens)
-        runner = ModelRunner(self.model, self.block_size, num_blocks, self.attn_backend)
+        cuda = self.model.device.type == "cuda"
+        graphs = cuda if self.decode_graphs is None else self.decode_graphs
+        width = max(math.ceil((len(p) + params.max_new_tokens) / self.block_size)
+                    for p in prompts)
+        runner = ModelRunner(self.model, self.block_size, num_blocks, self.attn_backend,
+                             graph_width=width if graphs else None, capture=graphs and cuda)
         sampler = Sampler(params, self.sample_backend)
         groups = self._groups(prompts, seeds, params)
         for g in groups:
@@ -183,6 +195,8 @@ class RolloutEngine:
             with runner.attention():
                 self._loop(scheduler, runner, sampler, params, groups)
         finally:
+            if runner.graphs is not None:
+                self.stats.graph_captures = runner.graphs.captures
             runner.release()
             self.model.train(was_training)
         self.stats.peak_blocks = blocks.peak_used

@@ -23,6 +23,7 @@ import torch
 
 from r2ec_fast.ops.paged_attention import decode_attention, prefill_attention
 
+from .graph_runner import DecodeGraphs
 from .scheduler import Batch
 
 ATTN_NAME = "r2ec_paged"
@@ -84,7 +85,11 @@ def text_config(model):
 
 
 class ModelRunner:
-    def __init__(self, model, block_size: int, num_blocks: int, backend: str | None = None):
+    def __init__(self, model, block_size: int, num_blocks: int, backend: str | None = None,
+                 graph_width: int | None = None, capture: bool = False):
+        """graph_width: decode through `DecodeGraphs` with block tables this wide (None: every
+        step eagerly); capture: capture its CUDA graphs (else it runs the padded path
+        eagerly)."""
         _register()
         self.model = model
         cfg = text_config(model)
@@ -93,6 +98,7 @@ class ModelRunner:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.block_size, self.num_blocks, self.backend = block_size, num_blocks, backend
         self.cache: PagedKVCache | None = None
+        self.graphs = None if graph_width is None else DecodeGraphs(self, graph_width, capture)
 
     @staticmethod
     def bytes_per_block(model, block_size: int) -> int:
@@ -113,6 +119,7 @@ class ModelRunner:
 
     def release(self) -> None:
         self.cache = None
+        self.graphs = None  # they hold the cache's addresses
 
     @contextmanager
     def attention(self):
@@ -162,10 +169,13 @@ class ModelRunner:
         """Run a batch's forward; [R, Vocab] logits at the last token of every row that draws
         (in row order)."""
         self.cache.copy_blocks(batch.copies)
-        ids, pos = self._metadata(batch)
-        out = self.model.decoder()(input_ids=ids, position_ids=pos, use_cache=False,
-                                   paged_kv=self.cache)
-        hidden = out.last_hidden_state[0]  # [T, d]
+        if not batch.prefill and self.graphs is not None:
+            hidden = self.graphs.run(batch)  # [rows, d]: one token per row
+        else:
+            ids, pos = self._metadata(batch)
+            out = self.model.decoder()(input_ids=ids, position_ids=pos, use_cache=False,
+                                       paged_kv=self.cache)
+            hidden = out.last_hidden_state[0]  # [T, d]
         ends, end = [], 0
         for r in batch.rows:
             end += len(r.tokens)
@@ -173,5 +183,7 @@ class ModelRunner:
                 ends.append(end - 1)
         if not ends:
             return hidden.new_empty(0, self.model.lm_head_weight.shape[0], dtype=torch.float32)
+        if len(ends) == hidden.shape[0]:  # every row draws (decode): no gather
+            return self.logits(hidden)
         index = torch.tensor(ends, device=hidden.device)
         return self.logits(hidden.index_select(0, index))

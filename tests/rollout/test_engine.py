@@ -243,14 +243,57 @@ def test_engine_on_cuda_greedy_equals_hf_generate(models, arch):
     model = copy.deepcopy(models[arch])
     model.lm.to("cuda")
     prompts = make_prompts(model, LENGTHS, seed=10)
-    outs = RolloutEngine(model, block_size=16).generate(
-        prompts, SamplingParams(n=2, temperature=0, max_new_tokens=16))
+    engine = RolloutEngine(model, block_size=16)
+    outs = engine.generate(prompts, SamplingParams(n=2, temperature=0, max_new_tokens=16))
+    assert engine.stats.graph_captures > 0  # the decode steps replayed CUDA graphs
     for prompt, out in zip(prompts, outs):
         want = hf_greedy(model, prompt, 16)
         assert [s.token_ids for s in out.samples] == [want, want]
-    sampled = RolloutEngine(model, block_size=16).generate(
-        prompts, SamplingParams(n=4, temperature=1.0, top_k=50, max_new_tokens=16, seed=3))
-    again = RolloutEngine(model, block_size=16).generate(
-        prompts, SamplingParams(n=4, temperature=1.0, top_k=50, max_new_tokens=16, seed=3))
-    assert [[s.token_ids for s in o.samples] for o in sampled] == \
-        [[s.token_ids for s in o.samples] for o in again]
+    params = SamplingParams(n=4, temperature=1.0, top_k=50, max_new_tokens=16, seed=3)
+    sampled = RolloutEngine(model, block_size=16).generate(prompts, params)
+    again = RolloutEngine(model, block_size=16).generate(prompts, params)
+    eager = RolloutEngine(model, block_size=16, decode_graphs=False).generate(prompts, params)
+    for o in (again, eager):
+        assert [[s.token_ids for s in x.samples] for x in sampled] == \
+            [[s.token_ids for s in x.samples] for x in o]
+
+
+def test_padded_sizes():
+    from r2ec_fast.rollout.graph_runner import SIZES, padded_size
+
+    assert [padded_size(n) for n in (1, 2, 3, 5, 17, 64, 65, 256, 257, 300)] == \
+        [1, 2, 4, 8, 24, 64, 96, 256, 320, 320]
+    assert list(SIZES) == sorted(SIZES)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_decode_path_equals_the_eager_one(models, arch):
+    """The CUDA-graph decode path (padded batch, static metadata buffers), run eagerly on CPU:
+    the same tokens and log-probs as eager decoding while sequences stop at different steps
+    (the padded size shrinks) and under a budget that preempts."""
+    model = models[arch]
+    prompts = make_prompts(model, [30, 21, 44, 17, 26], seed=5)
+    vocab = model.lm_head_weight.shape[0]
+    stops = list(range(10, vocab, 40))  # a 40th of the vocabulary ends a sample
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=20, seed=4,
+                            stop_token_ids=stops)
+    runs = {}
+    for graphs, budget in ((False, None), (True, None), (True, "50 blocks")):
+        engine = RolloutEngine(model, block_size=4, kv_budget=budget, decode_graphs=graphs)
+        outs = engine.generate(prompts, params)
+        runs[graphs, budget] = outs
+        if budget:
+            assert engine.stats.preemptions > 0
+        assert engine.stats.graph_captures == 0  # nothing is captured off CUDA
+    want = runs[False, None]
+    lengths = {len(s.token_ids) for o in want for s in o.samples}
+    assert len(lengths) >= 4, lengths  # the batch shrank through several padded sizes
+    for key, outs in runs.items():
+        for o, w in zip(outs, want):
+            assert [s.token_ids for s in o.samples] == [s.token_ids for s in w.samples], key
+            assert [s.finish_reason for s in o.samples] == [s.finish_reason for s in w.samples]
+            for s, t in zip(o.samples, w.samples):
+                torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(t.logprobs),
+                                           rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="decode_graphs"):
+        RolloutEngine(model, decode_graphs="yes")

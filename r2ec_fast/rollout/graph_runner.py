@@ -1,0 +1,121 @@
+"""Decode steps replayed from CUDA graphs (the launch overhead of eager decoding, DESIGN §4.4).
+
+An eager decode step launches about forty kernels per decoder layer from Python; at Gemma-2-2B's
+shape on an H200 that CPU work took 33 ms a step against 11 ms of GPU work (profile in
+benchmarks/results/gpu-h200-2026-11-26/rollout-profile.txt). Here each decode batch is padded to
+one of a few sizes (`SIZES`) and the decoder's forward for that size is captured once into a
+CUDA graph, then replayed with new inputs: one host-to-device copy of the step's metadata and
+one graph launch.
+
+Everything the graph reads lives in static buffers: `meta` [size, 4 + width] int64 holds per row
+the token, its position, the sequence length after it, its cache slot and the row's block
+table padded to `width` (the most blocks any sequence of the call can hold). The int32 views
+the kernels take are made inside the graph. Padding rows write nowhere (slot -1, which the
+append kernels skip) and attend to one cached key of block 0; their outputs are dropped. The
+paged decode kernels have no host reads and a grid that depends on shapes only, so they
+capture as they are; the KV cache tensors, the model's weights and the graph memory pool are
+fixed for the graphs' lifetime, which is one `generate` call (the cache is allocated per call).
+
+Off CUDA (the tests) `capture=False` runs the same padded static path eagerly, so the padding
+and the metadata layout are tested without a GPU.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .scheduler import Batch
+
+SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def padded_size(n: int) -> int:
+    """The graph size a batch of n rows runs at: the smallest of SIZES >= n, past them the next
+    multiple of 64."""
+    for size in SIZES:
+        if size >= n:
+            return size
+    return -(-n // 64) * 64
+
+
+class _Graph:
+    """Static inputs and outputs of one padded batch size (and its graph once captured)."""
+
+    def __init__(self, size: int, width: int, device):
+        self.size = size
+        self.meta = torch.zeros((size, 4 + width), dtype=torch.int64, device=device)
+        self.graph = None
+        self.hidden: torch.Tensor | None = None
+
+
+class DecodeGraphs:
+    def __init__(self, runner, width: int, capture: bool):
+        self.runner, self.width, self.capture = runner, width, capture
+        self.graphs: dict[int, _Graph] = {}
+        self.pool = None
+        self.captures = 0  # graphs captured this call (EngineStats)
+
+    def run(self, batch: Batch) -> torch.Tensor:
+        """[n, d] final hidden states of a decode batch's n rows."""
+        n = len(batch.rows)
+        size = padded_size(n)
+        g = self.graphs.get(size)
+        if g is None:
+            g = self.graphs[size] = _Graph(size, self.width, self.runner.model.device)
+        self._fill(g, batch)
+        if g.graph is not None:
+            g.graph.replay()
+        elif self.capture:
+            self._capture(g)  # runs this step too (replayed, or eagerly if capture fails)
+        else:
+            g.hidden = self._forward(g)
+        return g.hidden[:n]
+
+    def _fill(self, g: _Graph, batch: Batch) -> None:
+        width = self.width
+        rows = []
+        for i, r in enumerate(batch.rows):
+            if len(r.tokens) != 1 or len(r.table) > width:
+                raise RuntimeError(f"decode row {i} has {len(r.tokens)} tokens and "
+                                   f"{len(r.table)} blocks (graph width {width})")
+            rows.append([r.tokens[0], r.start, r.start + 1, r.slots[0], *r.table,
+                         *[0] * (width - len(r.table))])
+        # padding rows: nowhere to write (slot -1), one cached key to look at (block 0)
+        rows.extend([[0, 0, 1, -1, *[0] * width]] * (g.size - len(rows)))
+        g.meta.copy_(torch.tensor(rows, dtype=torch.int64))
+
+    def _forward(self, g: _Graph) -> torch.Tensor:
+        m, c = g.meta, self.runner.cache
+        c.block_table = m[:, 4:].to(torch.int32)
+        c.cache_seqlens = m[:, 2].to(torch.int32)
+        c.slot_mapping = m[:, 3].contiguous()
+        c.cu_seqlens_q = None
+        out = self.runner.model.decoder()(input_ids=m[:, 0][None], position_ids=m[:, 1][None],
+                                           use_cache=False, paged_kv=c)
+        return out.last_hidden_state[0]
+
+    def _capture(self, g: _Graph) -> None:
+        """Warm up on a side stream (the real step: it writes this step's K/V, which the replay
+        writes again identically), capture, replay. A capture that fails (an op of the model
+        that reads the device from the host, say) leaves this call on the eager path."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            g.hidden = self._forward(g)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                hidden = self._forward(g)
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: stay eager
+            warnings.warn(f"rollout: CUDA graph capture failed ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); decoding eagerly",
+                          RuntimeWarning, stacklevel=3)
+            self.capture = False
+            torch.cuda.synchronize()
+            return
+        self.pool = graph.pool()
+        g.graph, g.hidden = graph, hidden
+        self.captures += 1
+        graph.replay()
