@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from r2ec_fast.ops.paged_attention import decode_attention, prefill_attention
+from r2ec_fast.ops.rms_norm import fused_rms_norms
 
 from .graph_runner import DecodeGraphs
 from .scheduler import Batch
@@ -86,10 +87,11 @@ def text_config(model):
 
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int, backend: str | None = None,
-                 graph_width: int | None = None, capture: bool = False):
+                 graph_width: int | None = None, capture: bool = False,
+                 fuse_norms: bool = False):
         """graph_width: decode through `DecodeGraphs` with block tables this wide (None: every
         step eagerly); capture: capture its CUDA graphs (else it runs the padded path
-        eagerly)."""
+        eagerly); fuse_norms: run the model's RMSNorms as one kernel each."""
         _register()
         self.model = model
         cfg = text_config(model)
@@ -97,6 +99,7 @@ class ModelRunner:
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.block_size, self.num_blocks, self.backend = block_size, num_blocks, backend
+        self.fuse_norms = fuse_norms
         self.cache: PagedKVCache | None = None
         self.graphs = None if graph_width is None else DecodeGraphs(self, graph_width, capture)
 
@@ -123,13 +126,18 @@ class ModelRunner:
 
     @contextmanager
     def attention(self):
-        """The model's attention routed to the paged ops, restored afterwards (the trainer's
-        own forward passes use the model's usual implementation)."""
+        """The model's attention routed to the paged ops, and with `fuse_norms` its RMSNorms
+        to the fused kernel (`r2ec_fast.ops.rms_norm`), both restored afterwards (the trainer's
+        own forward passes use the model's usual implementations)."""
         lm = self.model.lm
         before = text_config(self.model)._attn_implementation
         lm.set_attn_implementation(ATTN_NAME)
         try:
-            yield
+            if self.fuse_norms:
+                with fused_rms_norms(lm):
+                    yield
+            else:
+                yield
         finally:
             lm.set_attn_implementation(before)
 

@@ -270,7 +270,8 @@ def test_padded_sizes():
 def test_static_decode_path_equals_the_eager_one(models, arch):
     """The CUDA-graph decode path (padded batch, static metadata buffers), run eagerly on CPU:
     the same tokens and log-probs as eager decoding while sequences stop at different steps
-    (the padded size shrinks) and under a budget that preempts."""
+    (the padded size shrinks), under a budget that preempts, and with the norms routed through
+    `fused_rms_norms` (its torch path here)."""
     model = models[arch]
     prompts = make_prompts(model, [30, 21, 44, 17, 26], seed=5)
     vocab = model.lm_head_weight.shape[0]
@@ -278,14 +279,16 @@ def test_static_decode_path_equals_the_eager_one(models, arch):
     params = SamplingParams(n=3, temperature=1.0, max_new_tokens=20, seed=4,
                             stop_token_ids=stops)
     runs = {}
-    for graphs, budget in ((False, None), (True, None), (True, "50 blocks")):
-        engine = RolloutEngine(model, block_size=4, kv_budget=budget, decode_graphs=graphs)
+    for graphs, budget, fuse in ((False, None, False), (True, None, False),
+                                 (True, "50 blocks", False), (True, None, True)):
+        engine = RolloutEngine(model, block_size=4, kv_budget=budget, decode_graphs=graphs,
+                               fuse_norms=fuse)
         outs = engine.generate(prompts, params)
-        runs[graphs, budget] = outs
+        runs[graphs, budget, fuse] = outs
         if budget:
             assert engine.stats.preemptions > 0
         assert engine.stats.graph_captures == 0  # nothing is captured off CUDA
-    want = runs[False, None]
+    want = runs[False, None, False]
     lengths = {len(s.token_ids) for o in want for s in o.samples}
     assert len(lengths) >= 4, lengths  # the batch shrank through several padded sizes
     for key, outs in runs.items():
