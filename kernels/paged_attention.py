@@ -157,17 +157,20 @@ def _paged_prefill_kernel(
 @triton.jit
 def _paged_decode_kernel(
     Q, K_CACHE, V_CACHE, BLOCK_TABLE, CACHE_SEQLENS, PART_M, PART_L, PART_ACC, OUT,
-    scale, softcap, window, head_dim, block_size, num_heads, num_splits,
-    stride_qb, stride_qh, stride_qd,
+    PREFIX_LENS, scale, softcap, window, head_dim, block_size, num_heads, num_splits,
+    split_base, stride_qb, stride_qh, stride_qd,
     stride_kb, stride_ko, stride_kh, stride_kd, stride_vb, stride_vo, stride_vh, stride_vd,
     stride_btb, stride_btc,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr,
+    CASCADE: tl.constexpr,
 ):
     """Split `split` of the visible context [lo, ctx) of sequence b, for the query heads of KV
     head h_kv. DIRECT (one split): OUT[b, head] = acc / l. Otherwise PART_M/PART_L
-    [B, H_q, splits] and PART_ACC [B, H_q, splits, D] (fp32, contiguous) get the partials;
-    an empty split writes m = -inf, l = 0, acc = 0."""
+    [B, H_q, num_splits] and PART_ACC [B, H_q, num_splits, D] (fp32, contiguous) get the
+    partials at split_base + split; an empty split writes m = -inf, l = 0, acc = 0. CASCADE:
+    the context starts after the row's shared prefix, PREFIX_LENS[b] keys that
+    `_paged_decode_prefix_kernel` attends to."""
     b = tl.program_id(0)
     h_kv = tl.program_id(1)
     split = tl.program_id(2)
@@ -175,7 +178,9 @@ def _paged_decode_kernel(
     lo = 0
     if WINDOW:
         lo = tl.maximum(ctx - window, 0)
-    per_split = tl.cdiv(tl.cdiv(ctx - lo, num_splits), BLOCK_N) * BLOCK_N
+    if CASCADE:
+        lo = tl.maximum(lo, tl.load(PREFIX_LENS + b))
+    per_split = tl.cdiv(tl.cdiv(ctx - lo, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     s_lo = lo + split * per_split
     s_hi = tl.minimum(s_lo + per_split, ctx)
 
@@ -204,19 +209,75 @@ def _paged_decode_kernel(
         tl.store(OUT + row[:, None] * head_dim + d[None, :], out.to(OUT.dtype.element_ty),
                  mask=io_mask)
     else:
-        part = row * num_splits + split
+        part = row * num_splits + split_base + split
         tl.store(PART_M + part, m, mask=row_ok)
         tl.store(PART_L + part, l, mask=row_ok)
         tl.store(PART_ACC + part[:, None] * head_dim + d[None, :], acc, mask=io_mask)
 
 
 @triton.jit
-def _paged_decode_merge_kernel(PART_M, PART_L, PART_ACC, OUT, head_dim, num_splits,
-                               BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """OUT[row] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s for one (b, head) row."""
+def _paged_decode_prefix_kernel(
+    Q, K_CACHE, V_CACHE, BLOCK_TABLE, CACHE_SEQLENS, MEMBERS, PREFIX_LENS, PART_M, PART_L,
+    PART_ACC, scale, softcap, window, head_dim, block_size, num_heads, num_splits,
+    members_per, stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_ko, stride_kh, stride_kd, stride_vb, stride_vo, stride_vh, stride_vd,
+    stride_btb, stride_btc,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Cascade decoding's shared part: split `split` of the prefix [0, PREFIX_LENS[b]) that the
+    rows MEMBERS[p, :] (-1: none) hold in the same pages, for all their query heads of KV head
+    h_kv at once, so each prefix page is read once per prefix rather than once per row. Row r
+    of the tile is member r // GROUP, head r % GROUP. Partials go to splits [0, grid dim 2)."""
+    p = tl.program_id(0)
+    h_kv = tl.program_id(1)
+    split = tl.program_id(2)
+    r = tl.arange(0, BLOCK_H)
+    member = r // GROUP
+    head = h_kv * GROUP + r % GROUP
+    b = tl.load(MEMBERS + p * members_per + member, mask=member < members_per, other=-1)
+    row_ok = b >= 0
+    b = tl.maximum(b, 0)
+    first = tl.load(MEMBERS + p * members_per)
+    plen = tl.where(first >= 0, tl.load(PREFIX_LENS + tl.maximum(first, 0)), 0)
+    pos = tl.load(CACHE_SEQLENS + b, mask=row_ok, other=1) - 1  # the rows' query positions
+    d = tl.arange(0, BLOCK_D)
+    io_mask = row_ok[:, None] & (d < head_dim)[None, :]
+    q = tl.load(Q + b.to(tl.int64)[:, None] * stride_qb + head[:, None] * stride_qh
+                + d[None, :] * stride_qd, mask=io_mask, other=0.0)
+    m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    per_split = tl.cdiv(tl.cdiv(plen, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    s_lo = split * per_split
+    s_hi = tl.minimum(s_lo + per_split, plen)
+    bt_row = BLOCK_TABLE + tl.maximum(first, 0).to(tl.int64) * stride_btb
+    # every prefix key precedes every row's query (causal holds); the window is per row
+    for k0 in range(s_lo, s_hi, BLOCK_N):
+        m, l, acc = _attend_tile(q, m, l, acc, K_CACHE, V_CACHE, bt_row, stride_btc, k0, s_hi,
+                                 h_kv, pos, row_ok, block_size, head_dim, scale, softcap,
+                                 window, stride_kb, stride_ko, stride_kh, stride_kd,
+                                 stride_vb, stride_vo, stride_vh, stride_vd,
+                                 BLOCK_H, BLOCK_N, BLOCK_D, False, SOFTCAP, WINDOW, DOT_F32)
+    part = (b.to(tl.int64) * num_heads + head) * num_splits + split
+    tl.store(PART_M + part, m, mask=row_ok)
+    tl.store(PART_L + part, l, mask=row_ok)
+    tl.store(PART_ACC + part[:, None] * head_dim + d[None, :], acc, mask=io_mask)
+
+
+@triton.jit
+def _paged_decode_merge_kernel(PART_M, PART_L, PART_ACC, OUT, PREFIX_LENS, head_dim, num_heads,
+                               num_splits, prefix_splits, BLOCK_S: tl.constexpr,
+                               BLOCK_D: tl.constexpr, CASCADE: tl.constexpr):
+    """OUT[row] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s for one (b, head) row.
+    CASCADE: the first prefix_splits splits count only for rows with a shared prefix (the
+    prefix kernel writes no others)."""
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     s_ok = s < num_splits
+    if CASCADE:
+        shared = tl.load(PREFIX_LENS + row // num_heads) > 0
+        s_ok = s_ok & ((s >= prefix_splits) | shared)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     part = row * num_splits + s
@@ -334,9 +395,16 @@ def decode_splits(batch: int, n_kv_heads: int, max_context: int, block_n: int,
 
 
 def paged_decode(query, k_cache, v_cache, block_table, cache_seqlens, scale, softcap,
-                 sliding_window, config: dict | None = None) -> torch.Tensor:
+                 sliding_window, prefix=None, config: dict | None = None) -> torch.Tensor:
     """out [B, H_q, D] in query's dtype: one query per sequence at position cache_seqlens - 1
-    attends to its whole (windowed) context in the paged cache."""
+    attends to its whole (windowed) context in the paged cache.
+
+    prefix: None, or cascade decoding's (members [P, G] int32, prefix_lens [B] int32): the
+    rows members[p, :] (-1 pads) hold their first prefix_lens[b] keys (the same for all of
+    them, 0 for rows of no prefix) in the same pages, e.g. a group's shared prompt blocks.
+    Those keys are read once per prefix by `_paged_decode_prefix_kernel` instead of once per
+    row (the idea of FlashInfer's cascade inference, Ye et al. 2024); the rest of each context
+    by the decode kernel; the merge kernel joins the two sets of partials. Same result."""
     batch, n_q_heads, head_dim = query.shape
     n_kv_heads = k_cache.shape[2]
     group = n_q_heads // n_kv_heads
@@ -350,29 +418,45 @@ def paged_decode(query, k_cache, v_cache, block_table, cache_seqlens, scale, sof
     max_context = block_table.shape[1] * k_cache.shape[1]
     splits = config.pop("num_splits", None) or decode_splits(
         batch, n_kv_heads, max_context, block_n, query.device)
+    prefix_splits = 0
+    if prefix is not None:
+        members = prefix[0]
+        prefix_splits = config.pop("prefix_splits", None) or decode_splits(
+            max(1, members.shape[0]), n_kv_heads, max_context, block_n, query.device)
     launch.update(config)
     dev = query.device
     out = _empty((batch, n_q_heads, head_dim), query.dtype, dev)
     if batch == 0:
         return out
-    direct = splits == 1
+    direct = splits == 1 and prefix is None
+    total = splits + prefix_splits
     if direct:
         part_m = part_l = part_acc = out  # unused
     else:
-        part_m = _empty((batch, n_q_heads, splits), torch.float32, dev)
-        part_l = _empty((batch, n_q_heads, splits), torch.float32, dev)
-        part_acc = _empty((batch, n_q_heads, splits, head_dim), torch.float32, dev)
+        part_m = _empty((batch, n_q_heads, total), torch.float32, dev)
+        part_l = _empty((batch, n_q_heads, total), torch.float32, dev)
+        part_acc = _empty((batch, n_q_heads, total, head_dim), torch.float32, dev)
     block_d = _block_d(head_dim)
+    prefix_lens = cache_seqlens if prefix is None else prefix[1]  # unread without CASCADE
+    strides = (*k_cache.stride(), *v_cache.stride(), *block_table.stride())
+    flags = dict(GROUP=group, BLOCK_N=block_n, BLOCK_D=block_d, SOFTCAP=softcap is not None,
+                 WINDOW=sliding_window is not None, DOT_F32=dot_f32)
+    numbers = (float(scale), float(softcap or 1.0), int(sliding_window or 0), head_dim,
+               k_cache.shape[1], n_q_heads, total)
+    if prefix is not None and members.shape[0]:
+        g = members.shape[1]
+        _paged_decode_prefix_kernel[(members.shape[0], n_kv_heads, prefix_splits)](
+            query, k_cache, v_cache, block_table, cache_seqlens, members, prefix_lens, part_m,
+            part_l, part_acc, *numbers, g, *query.stride(), *strides,
+            BLOCK_H=max(16, triton.next_power_of_2(g * group)), **flags, **launch)
     _paged_decode_kernel[(batch, n_kv_heads, splits)](
         query, k_cache, v_cache, block_table, cache_seqlens, part_m, part_l, part_acc, out,
-        float(scale), float(softcap or 1.0), int(sliding_window or 0), head_dim,
-        k_cache.shape[1], n_q_heads, splits, *query.stride(), *k_cache.stride(),
-        *v_cache.stride(), *block_table.stride(), GROUP=group,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        SOFTCAP=softcap is not None, WINDOW=sliding_window is not None, DIRECT=direct,
-        DOT_F32=dot_f32, **launch)
+        prefix_lens, *numbers, prefix_splits, *query.stride(), *strides,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), DIRECT=direct,
+        CASCADE=prefix is not None, **flags, **launch)
     if not direct:
         _paged_decode_merge_kernel[(batch * n_q_heads,)](
-            part_m, part_l, part_acc, out, head_dim, splits,
-            BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)
+            part_m, part_l, part_acc, out, prefix_lens, head_dim, n_q_heads, total,
+            prefix_splits, BLOCK_S=triton.next_power_of_2(total), BLOCK_D=block_d,
+            CASCADE=prefix is not None)
     return out

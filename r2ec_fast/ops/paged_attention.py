@@ -460,7 +460,7 @@ def _prefill(query, key, value, k_cache, v_cache, block_table, cu_seqlens_q, cac
 
 
 def _decode(query, key, value, k_cache, v_cache, block_table, cache_seqlens, slot_mapping,
-            scale, softcap, sliding_window, backend):
+            scale, softcap, sliding_window, backend, prefix_members=None, prefix_lens=None):
     if key is not None:
         _append(key, value, k_cache, v_cache, slot_mapping, backend)
     args = (query, k_cache, v_cache, block_table, cache_seqlens, scale, softcap,
@@ -468,7 +468,8 @@ def _decode(query, key, value, k_cache, v_cache, block_table, cache_seqlens, slo
     if backend == "triton":
         from r2ec_fast.kernels import paged_attention as kern
 
-        return kern.paged_decode(*args)
+        prefix = None if prefix_members is None else (prefix_members, prefix_lens)
+        return kern.paged_decode(*args, prefix=prefix)
     if backend == FLASH_ATTN:
         return _flash_decode(*args)
     if backend == "reference":
@@ -503,10 +504,12 @@ def _prefill_op(query: torch.Tensor, key: Optional[torch.Tensor], value: Optiona
 def _decode_op(query: torch.Tensor, key: Optional[torch.Tensor], value: Optional[torch.Tensor],
                k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                cache_seqlens: torch.Tensor, slot_mapping: Optional[torch.Tensor], scale: float,
-               softcap: Optional[float], sliding_window: Optional[int],
-               backend: str) -> torch.Tensor:
+               softcap: Optional[float], sliding_window: Optional[int], backend: str,
+               prefix_members: Optional[torch.Tensor],
+               prefix_lens: Optional[torch.Tensor]) -> torch.Tensor:
     return _decode(query, key, value, k_cache, v_cache, block_table, cache_seqlens,
-                   slot_mapping, scale, softcap, sliding_window, backend)
+                   slot_mapping, scale, softcap, sliding_window, backend, prefix_members,
+                   prefix_lens)
 
 
 _append_op.register_fake(lambda *args: None)
@@ -550,11 +553,17 @@ def prefill_attention(query, key, value, k_cache, v_cache, block_table, cu_seqle
 
 
 def decode_attention(query, key, value, k_cache, v_cache, block_table, cache_seqlens,
-                     slot_mapping, scale, softcap=None, sliding_window=None,
-                     backend=None) -> torch.Tensor:
+                     slot_mapping, scale, softcap=None, sliding_window=None, backend=None,
+                     prefix_members=None, prefix_lens=None) -> torch.Tensor:
     """One new token per sequence: write key/value [B, H_kv, D] (None: already cached) at
     slot_mapping, then its query [B, H_q, D] at position cache_seqlens[b] - 1 attends to the
-    sequence's paged cache. Returns [B, H_q, D] in query's dtype."""
+    sequence's paged cache. Returns [B, H_q, D] in query's dtype.
+
+    prefix_members [P, G] / prefix_lens [B] (int32, both or neither): shared prefixes, a hint
+    that changes no result. Rows members[p, :] (-1 pads) hold their first prefix_lens[b] keys
+    (a multiple of the block size, the same for all of them, 0 for rows of no prefix) in the
+    same pages; the triton backend then reads those pages once per prefix (cascade decoding,
+    `kernels.paged_attention.paged_decode`), the others ignore the hint."""
     _check_cache(k_cache, v_cache)
     batch = _check_attention(query, k_cache, block_table, cache_seqlens, scale, softcap,
                              sliding_window)
@@ -563,7 +572,38 @@ def decode_attention(query, key, value, k_cache, v_cache, block_table, cache_seq
     if _host_checks(query.device) and batch and int(cache_seqlens.min()) < 1:
         raise ValueError("cache_seqlens counts the new token: every entry must be >= 1")
     _check_new_kv(key, value, slot_mapping, batch, k_cache)
+    _check_prefix(prefix_members, prefix_lens, block_table, cache_seqlens, k_cache.shape[1])
     backend = _resolve(backend, query, k_cache)
     decode = _decode_op if torch.compiler.is_compiling() else _decode
     return decode(query, key, value, k_cache, v_cache, block_table, cache_seqlens,
-                  slot_mapping, *_numbers(scale, softcap, sliding_window), backend)
+                  slot_mapping, *_numbers(scale, softcap, sliding_window), backend,
+                  prefix_members, prefix_lens)
+
+
+def _check_prefix(members, lens, block_table, cache_seqlens, block_size) -> None:
+    if members is None and lens is None:
+        return
+    batch = cache_seqlens.shape[0]
+    if members is None or lens is None:
+        raise ValueError("prefix_members and prefix_lens go together")
+    if members.dim() != 2 or _shape(lens) != (batch,) or not (_is_int(members)
+                                                             and _is_int(lens)):
+        raise ValueError(f"prefix_members must be [P, G] and prefix_lens [{batch}] int32, got "
+                         f"{_shape(members)} and {_shape(lens)}")
+    if not _host_checks(members.device):
+        return
+    pages, listed = block_table.tolist(), [b for row in members.tolist() for b in row if b >= 0]
+    if sorted(listed) != [b for b, n in enumerate(lens.tolist()) if n > 0]:
+        raise ValueError("every row with prefix_lens > 0 must be in exactly one prefix of "
+                         "prefix_members, and every member must have prefix_lens > 0")
+    for p, row in enumerate(members.tolist()):
+        rows = [b for b in row if b >= 0]
+        if not rows:
+            continue
+        n = int(lens[rows[0]])
+        shared = {tuple(pages[b][:n // block_size]) for b in rows}
+        if (any(not 0 <= b < batch for b in rows) or n % block_size or len(shared) > 1
+                or any(int(lens[b]) != n or n >= int(cache_seqlens[b]) for b in rows)):
+            raise ValueError(f"prefix {p}: rows {rows} do not share their first {n} keys' "
+                             "pages (prefix_lens must be a multiple of the block size, below "
+                             "every member's length, and the same for all members)")

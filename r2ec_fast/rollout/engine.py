@@ -84,7 +84,7 @@ class RolloutEngine:
                  max_num_seqs: int = 256, max_prefill_tokens: int = 8192,
                  attn_backend: str | None = None, sample_backend: str | None = None,
                  decode_graphs: bool | None = None, fuse_norms: bool | None = None,
-                 progress: bool = False):
+                 cascade: bool | None = None, progress: bool = False):
         """model: a `DualHeadModel`. kv_budget: the most the KV cache may take, in bytes (an
         int, or "2GiB") or in blocks ("512 blocks"); default: on CUDA half of the free device memory at each call, on CPU 2 GiB.
         The cache never takes more than the call can use. attn_backend / sample_backend: force
@@ -93,8 +93,12 @@ class RolloutEngine:
         (`graph_runner.py`; default: on when the model is on CUDA); on CPU, True runs the same
         padded static decode path eagerly. fuse_norms: the model's RMSNorms as one fused kernel
         each during generation (`r2ec_fast.ops.rms_norm`; default: on CUDA, where the kernel
-        is Triton; on CPU True routes them through the op's torch path, HF's own arithmetic)."""
-        for name, value in (("decode_graphs", decode_graphs), ("fuse_norms", fuse_norms)):
+        is Triton; on CPU True routes them through the op's torch path, HF's own arithmetic).
+        cascade: give decode steps the shared-prefix hint, so that a group's prompt pages are
+        read once per group rather than once per sample (default: on CUDA, where the triton
+        attention uses it; the torch attention ignores it and on CPU checks it)."""
+        for name, value in (("decode_graphs", decode_graphs), ("fuse_norms", fuse_norms),
+                            ("cascade", cascade)):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{name} must be True, False or None, got {value!r}")
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
@@ -108,7 +112,7 @@ class RolloutEngine:
             raise ValueError(f"kv_budget must be positive, got {kv_budget!r}")
         self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
         self.attn_backend, self.sample_backend = attn_backend, sample_backend
-        self.decode_graphs, self.fuse_norms = decode_graphs, fuse_norms
+        self.decode_graphs, self.fuse_norms, self.cascade = decode_graphs, fuse_norms, cascade
         self.progress = progress
         self.stats = EngineStats()
 
@@ -187,7 +191,9 @@ class RolloutEngine:
                     for p in prompts)
         runner = ModelRunner(self.model, self.block_size, num_blocks, self.attn_backend,
                              graph_width=width if graphs else None, capture=graphs and cuda,
-                             fuse_norms=cuda if self.fuse_norms is None else self.fuse_norms)
+                             fuse_norms=cuda if self.fuse_norms is None else self.fuse_norms,
+                             group_size=params.n if (cuda if self.cascade is None
+                                                     else self.cascade) else 0)
         sampler = Sampler(params, self.sample_backend)
         groups = self._groups(prompts, seeds, params)
         for g in groups:

@@ -7,9 +7,10 @@ one of a few sizes (`SIZES`) and the decoder's forward for that size is captured
 CUDA graph, then replayed with new inputs: one host-to-device copy of the step's metadata and
 one graph launch.
 
-Everything the graph reads lives in static buffers: `meta` [size, 4 + width] int64 holds per row
-the token, its position, the sequence length after it, its cache slot and the row's block
-table padded to `width` (the most blocks any sequence of the call can hold). The int32 views
+Everything the graph reads lives in static buffers: `meta` [size, 5 + width] int64 holds per row
+the token, its position, the sequence length after it, its cache slot, its shared-prefix length
+(cascade decoding) and the row's block table padded to `width` (the most blocks any sequence
+of the call can hold); `members` [size // 2, G] the rows of each shared prefix. The int32 views
 the kernels take are made inside the graph. Padding rows write nowhere (slot -1, which the
 append kernels skip) and attend to one cached key of block 0; their outputs are dropped. The
 paged decode kernels have no host reads and a grid that depends on shapes only, so they
@@ -25,9 +26,10 @@ import warnings
 
 import torch
 
-from .scheduler import Batch
+from .scheduler import Batch, shared_prefixes
 
 SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+META = 5  # meta columns before the block table: token, position, length, slot, prefix length
 
 
 def padded_size(n: int) -> int:
@@ -42,9 +44,12 @@ def padded_size(n: int) -> int:
 class _Graph:
     """Static inputs and outputs of one padded batch size (and its graph once captured)."""
 
-    def __init__(self, size: int, width: int, device):
+    def __init__(self, size: int, width: int, group_size: int, device):
         self.size = size
-        self.meta = torch.zeros((size, 4 + width), dtype=torch.int64, device=device)
+        self.meta = torch.zeros((size, META + width), dtype=torch.int64, device=device)
+        # cascade hint: at most size // 2 prefixes of two or more rows
+        self.members = (torch.full((max(1, size // 2), group_size), -1, dtype=torch.int32,
+                                   device=device) if group_size > 1 else None)
         self.graph = None
         self.hidden: torch.Tensor | None = None
 
@@ -62,7 +67,8 @@ class DecodeGraphs:
         size = padded_size(n)
         g = self.graphs.get(size)
         if g is None:
-            g = self.graphs[size] = _Graph(size, self.width, self.runner.model.device)
+            g = self.graphs[size] = _Graph(size, self.width, self.runner.group_size,
+                                           self.runner.model.device)
         self._fill(g, batch)
         if g.graph is not None:
             g.graph.replay()
@@ -73,24 +79,31 @@ class DecodeGraphs:
         return g.hidden[:n]
 
     def _fill(self, g: _Graph, batch: Batch) -> None:
-        width = self.width
+        width, runner = self.width, self.runner
+        lens = [0] * len(batch.rows)
+        if g.members is not None:
+            members, lens = shared_prefixes(batch.rows, runner.block_size, runner.group_size)
+            members += [[-1] * runner.group_size] * (g.members.shape[0] - len(members))
+            g.members.copy_(torch.tensor(members, dtype=torch.int32))
         rows = []
         for i, r in enumerate(batch.rows):
             if len(r.tokens) != 1 or len(r.table) > width:
                 raise RuntimeError(f"decode row {i} has {len(r.tokens)} tokens and "
                                    f"{len(r.table)} blocks (graph width {width})")
-            rows.append([r.tokens[0], r.start, r.start + 1, r.slots[0], *r.table,
+            rows.append([r.tokens[0], r.start, r.start + 1, r.slots[0], lens[i], *r.table,
                          *[0] * (width - len(r.table))])
         # padding rows: nowhere to write (slot -1), one cached key to look at (block 0)
-        rows.extend([[0, 0, 1, -1, *[0] * width]] * (g.size - len(rows)))
+        rows.extend([[0, 0, 1, -1, 0, *[0] * width]] * (g.size - len(rows)))
         g.meta.copy_(torch.tensor(rows, dtype=torch.int64))
 
     def _forward(self, g: _Graph) -> torch.Tensor:
         m, c = g.meta, self.runner.cache
-        c.block_table = m[:, 4:].to(torch.int32)
+        c.block_table = m[:, META:].to(torch.int32)
         c.cache_seqlens = m[:, 2].to(torch.int32)
         c.slot_mapping = m[:, 3].contiguous()
         c.cu_seqlens_q = None
+        c.prefix_members = g.members
+        c.prefix_lens = None if g.members is None else m[:, 4].to(torch.int32)
         out = self.runner.model.decoder()(input_ids=m[:, 0][None], position_ids=m[:, 1][None],
                                            use_cache=False, paged_kv=c)
         return out.last_hidden_state[0]

@@ -25,7 +25,7 @@ from r2ec_fast.ops.paged_attention import decode_attention, prefill_attention
 from r2ec_fast.ops.rms_norm import fused_rms_norms
 
 from .graph_runner import DecodeGraphs
-from .scheduler import Batch
+from .scheduler import Batch, shared_prefixes
 
 ATTN_NAME = "r2ec_paged"
 
@@ -40,6 +40,9 @@ class PagedKVCache:
     cache_seqlens: torch.Tensor | None = None  # [B] int32, after this step's tokens
     slot_mapping: torch.Tensor | None = None  # [T]
     cu_seqlens_q: torch.Tensor | None = None  # [B + 1] int32; None on decode steps
+    # decode steps, cascade: rows sharing prompt pages (`shared_prefixes`); None: no hint
+    prefix_members: torch.Tensor | None = None  # [P, G] int32
+    prefix_lens: torch.Tensor | None = None  # [B] int32
     backend: str | None = None
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -67,7 +70,8 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
                   sliding_window=sliding_window, backend=c.backend)
     if c.cu_seqlens_q is None:
         out = decode_attention(q, k, v, c.k[layer], c.v[layer], c.block_table, c.cache_seqlens,
-                               c.slot_mapping, **common)
+                               c.slot_mapping, prefix_members=c.prefix_members,
+                               prefix_lens=c.prefix_lens, **common)
     else:
         out = prefill_attention(q, k, v, c.k[layer], c.v[layer], c.block_table, c.cu_seqlens_q,
                                 c.cache_seqlens, c.slot_mapping, **common)
@@ -88,10 +92,11 @@ def text_config(model):
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int, backend: str | None = None,
                  graph_width: int | None = None, capture: bool = False,
-                 fuse_norms: bool = False):
+                 fuse_norms: bool = False, group_size: int = 0):
         """graph_width: decode through `DecodeGraphs` with block tables this wide (None: every
         step eagerly); capture: capture its CUDA graphs (else it runs the padded path
-        eagerly); fuse_norms: run the model's RMSNorms as one kernel each."""
+        eagerly); fuse_norms: run the model's RMSNorms as one kernel each; group_size: the
+        samples per prompt, > 1 to give decode steps the cascade hint (`shared_prefixes`)."""
         _register()
         self.model = model
         cfg = text_config(model)
@@ -99,7 +104,7 @@ class ModelRunner:
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.block_size, self.num_blocks, self.backend = block_size, num_blocks, backend
-        self.fuse_norms = fuse_norms
+        self.fuse_norms, self.group_size = fuse_norms, group_size
         self.cache: PagedKVCache | None = None
         self.graphs = None if graph_width is None else DecodeGraphs(self, graph_width, capture)
 
@@ -154,7 +159,12 @@ class ModelRunner:
         c.block_table = torch.tensor(tables, dtype=torch.int32, device=dev)
         c.cache_seqlens = torch.tensor(seqlens, dtype=torch.int32, device=dev)
         c.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
-        c.cu_seqlens_q = None
+        c.cu_seqlens_q = c.prefix_members = c.prefix_lens = None
+        if not batch.prefill and self.group_size > 1:
+            members, lens = shared_prefixes(rows, self.block_size, self.group_size)
+            c.prefix_members = torch.tensor(members, dtype=torch.int32,
+                                            device=dev).view(-1, self.group_size)
+            c.prefix_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
         if batch.prefill:
             cu = [0]
             for r in rows:

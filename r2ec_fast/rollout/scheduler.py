@@ -170,3 +170,33 @@ class Scheduler:
         # copies into blocks that were just freed are moot (and their blocks may be reused)
         batch.copies = [c for c in batch.copies if self.blocks.ref_count[c[1]] > 0]
         self.waiting.appendleft(group)
+
+
+def shared_prefixes(rows, block_size: int, members_per: int):
+    """Cascade decoding's hint for a decode batch: (members [P][members_per] row indices, -1
+    padded; prefix_lens [rows]). The rows of a group whose block tables begin with the same
+    pages (its prompt's full blocks, held once since the fork) form one prefix over those
+    pages; checked page by page here, so it never claims more than is shared."""
+    by_group: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r.draw_for:
+            by_group.setdefault(id(r.draw_for[0].group), []).append(i)
+    members, lens = [], [0] * len(rows)
+    for idx in by_group.values():
+        if len(idx) < 2:
+            continue
+        tables = [rows[i].table for i in idx]
+        # keys [0, n * block_size) must precede every member's query (position r.start)
+        n = min(min(len(t) for t in tables), min(rows[i].start for i in idx) // block_size,
+                len(rows[idx[0]].draw_for[0].group.prompt) // block_size)
+        first = tables[0][:n]
+        if any(t[:n] != first for t in tables):  # not the whole prompt: the shared part
+            n = next(k for k in range(n) if any(t[k] != first[k] for t in tables))
+        if n == 0:
+            continue
+        for c in range(0, len(idx), members_per):
+            chunk = idx[c:c + members_per]
+            members.append(chunk + [-1] * (members_per - len(chunk)))
+        for i in idx:
+            lens[i] = n * block_size
+    return members, lens

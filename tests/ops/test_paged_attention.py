@@ -386,6 +386,53 @@ def test_flash_attn_glue_against_its_documented_semantics(monkeypatch):
     assert rel_error(out, ref[last]) < 1e-10
 
 
+def cascade_case(dtype=F32, seed=20, h_q=4, h_kv=2, d=16, block_size=4):
+    """Five decode rows whose first 8 pages are row 0's: prefix 0 = rows 0, 1, 2 over 32 keys,
+    prefix 1 = row 3 alone over 16 keys, row 4 in no prefix (prefix_lens 0)."""
+    case = make_case([1] * 5, [45, 47, 33, 30, 12], h_q, h_kv, d, block_size, dtype, seed=seed,
+                     shared_pages=8)
+    c = dict(as_decode(case), key=None, value=None, slot_mapping=None)
+    members = torch.tensor([[0, 1, 2], [3, -1, -1]], dtype=torch.int32)
+    lens = torch.tensor([32, 32, 32, 16, 0], dtype=torch.int32)
+    return c, members, lens
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("splits", [(1, 1), (2, 3)], ids=["1+1", "2+3"])
+@pytest.mark.parametrize("softcap,window", [(None, None), (10.0, 20)], ids=["plain", "window"])
+def test_triton_cascade_decode_matches_float64(poisoned, dtype, splits, softcap, window):
+    """Shared prefixes read once per prefix, the rest per row, merged: the same attention (the
+    window of 20 leaves part of the shared 32 keys out of some rows' view)."""
+    c, members, lens = cascade_case(dtype)
+    opts = dict(scale=0.3, softcap=softcap, sliding_window=window)
+    ref = decode_attention_reference(**_cast(c, torch.float64), **opts)
+    plain = decode_attention(**c, **opts, backend="torch")
+    out = poisoned.paged_decode(c["query"], c["k_cache"], c["v_cache"], c["block_table"],
+                                c["cache_seqlens"], 0.3, softcap, window, prefix=(members, lens),
+                                config=dict(num_splits=splits[0], prefix_splits=splits[1]))
+    assert_three_way(out, ref, plain, "cascade decode", tol=TOLERANCE[dtype])
+    hinted = decode_attention(**c, **opts, backend="triton", prefix_members=members,
+                              prefix_lens=lens)
+    assert_three_way(hinted, ref, plain, "cascade decode op", tol=TOLERANCE[dtype])
+    ignored = decode_attention(**c, **opts, backend="torch", prefix_members=members,
+                               prefix_lens=lens)
+    assert torch.equal(ignored, plain)  # a hint the torch path does not need
+
+
+def test_cascade_hint_is_checked():
+    c, members, lens = cascade_case()
+    with pytest.raises(ValueError, match="go together"):
+        decode_attention(**c, scale=0.3, prefix_members=members)
+    bad = [(torch.tensor([[0, 4]], dtype=torch.int32), torch.tensor([32, 0, 0, 0, 32]),
+            "share"),  # row 4 holds other pages
+           (members, torch.tensor([32, 32, 32, 16, 8], dtype=torch.int32), "exactly one"),
+           (members, torch.tensor([30, 30, 30, 16, 0], dtype=torch.int32), "multiple"),
+           (members, lens[:3], "int32")]
+    for m, n, match in bad:
+        with pytest.raises(ValueError, match=match):
+            decode_attention(**c, scale=0.3, prefix_members=m, prefix_lens=n.to(torch.int32))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("softcap,window", [(50.0, None), (50.0, 512)])
 def test_triton_matches_torch_gemma2_shape_on_gpu(softcap, window):
@@ -406,6 +453,18 @@ def test_triton_matches_torch_gemma2_shape_on_gpu(softcap, window):
     plain, _, _ = run_decode(decode_attention, dec, backend="torch", **opts)
     ours, _, _ = run_decode(decode_attention, dec, backend="triton", **opts)
     assert_three_way(ours, ref, plain, "triton decode", tol=TOLERANCE[BF16])
+    # cascade: 4 groups of 2 rows sharing their first 48 pages (768 keys)
+    dec = make_case([1] * 8, ctx, 8, 4, 256, 16, BF16, seed=16)
+    for b in range(1, 8, 2):
+        dec["block_table"][b, :48] = dec["block_table"][b - 1, :48]  # all written (ctx > 768)
+    members = torch.arange(8, dtype=torch.int32).view(4, 2).cuda()
+    lens = torch.full((8,), 768, dtype=torch.int32).cuda()
+    dec = {k: v.cuda() for k, v in dec.items()}
+    ref, _, _ = run_decode(decode_attention_reference, _cast(dec, torch.float64), **opts)
+    plain, _, _ = run_decode(decode_attention, dec, backend="torch", **opts)
+    ours, _, _ = run_decode(decode_attention, dec, backend="triton", prefix_members=members,
+                            prefix_lens=lens, **opts)
+    assert_three_way(ours, ref, plain, "triton cascade decode", tol=TOLERANCE[BF16])
 
 
 def test_ops_trace_under_torch_compile():

@@ -281,8 +281,9 @@ def test_static_decode_path_equals_the_eager_one(models, arch):
     runs = {}
     for graphs, budget, fuse in ((False, None, False), (True, None, False),
                                  (True, "50 blocks", False), (True, None, True)):
+        # cascade: the shared-prefix hints, checked against the block tables by the op on CPU
         engine = RolloutEngine(model, block_size=4, kv_budget=budget, decode_graphs=graphs,
-                               fuse_norms=fuse)
+                               fuse_norms=fuse, cascade=graphs)
         outs = engine.generate(prompts, params)
         runs[graphs, budget, fuse] = outs
         if budget:
@@ -300,3 +301,48 @@ def test_static_decode_path_equals_the_eager_one(models, arch):
                                            rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="decode_graphs"):
         RolloutEngine(model, decode_graphs="yes")
+
+
+def test_shared_prefixes_name_each_groups_prompt_pages():
+    from r2ec_fast.rollout.scheduler import shared_prefixes
+
+    bs, g = 8, 3
+    blocks = BlockManager(64, bs)
+    scheduler = Scheduler(blocks, max_num_seqs=64, max_prefill_tokens=1024)
+    groups = []
+    for i, p in enumerate((37, 5)):  # 4 full prompt blocks and a partial one; none full
+        group = Group(i, list(range(100, 100 + p)))
+        group.samples = [Sequence(g * i + j, group, j, sample_generator(0, j)) for j in range(g)]
+        scheduler.add(group)
+        groups.append(group)
+    scheduler.schedule()
+    for group in groups:
+        for seq, table in zip(group.samples, blocks.fork(group.block_table, g)):
+            seq.block_table = table
+            seq.output.append(7)
+        group.block_table = []
+    rows = scheduler.schedule().rows
+    members, lens = shared_prefixes(rows, bs, 4)
+    first = [i for i, r in enumerate(rows) if r.draw_for[0].group is groups[0]]
+    assert members == [first + [-1]]  # the 5-token prompt has no full block to share
+    assert [lens[i] for i in first] == [32] * g and sum(lens) == 32 * g
+
+
+def test_cascade_through_the_triton_kernels(models, monkeypatch):
+    """The whole decode path as on a GPU (triton attention in the interpreter, padded static
+    batches, cascade hints): greedy tokens equal HF generate's."""
+    from r2ec_fast.kernels import paged_attention as kern
+
+    hinted = []
+    real = kern.paged_decode
+    monkeypatch.setattr(kern, "paged_decode", lambda *a, prefix=None, **k: hinted.append(
+        prefix is not None and bool((prefix[1] > 0).any())) or real(*a, prefix=prefix, **k))
+    model = models["gemma2"]
+    prompts = make_prompts(model, [45, 21], seed=8)
+    engine = RolloutEngine(model, block_size=8, attn_backend="triton", decode_graphs=True,
+                           cascade=True)
+    outs = engine.generate(prompts, SamplingParams(n=2, temperature=0, max_new_tokens=6))
+    for prompt, out in zip(prompts, outs):
+        want = hf_greedy(model, prompt, 6)
+        assert [s.token_ids for s in out.samples] == [want, want]
+    assert len(hinted) == 5 * 2 and all(hinted)  # 5 decode steps x 2 layers, all cascaded
