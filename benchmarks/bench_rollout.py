@@ -174,6 +174,11 @@ def _checks(spec, device: str, stats: dict):
                         "passed": None, "value": f"{rate['engine']:.0f} vs "
                         f"{rate['hf_generate_per_prompt']:.0f} tokens/s = "
                         f"{rate['engine'] / rate['hf_generate_per_prompt']:.2f}x"})
+        if stats and device == "cuda":
+            out.append({"name": "engine decode steps (information)", "passed": None,
+                        "value": f"{stats['decode_steps']} steps, "
+                                 f"{stats['graph_captures']} batch sizes captured as CUDA "
+                                 "graphs"})
         if stats:  # full prompt blocks once per group; a partial last block once per sample
             full, partial = divmod(p, BLOCK_SIZE)
             want = b * (full + g * (partial > 0))
