@@ -24,12 +24,13 @@ temperature = 0 is greedy: argmax of the penalised logits (first id on ties), lo
 log_softmax of the penalised logits at temperature 1; ``process_logits`` then returns those.
 
 Backends: ``torch`` (any device; the oracle) and ``cuda``, the fused kernel of
-``csrc/sampling.cu`` (one thread block per row, no sort; see the file for how its thresholds
-reproduce the rules above). Selection: ``backend=`` ('reference' is the torch path, which is
+``csrc/sampling.cu`` (one pass over the logits by the whole GPU for per-tile statistics, then
+one thread block per row that reads only the tiles that can hold kept tokens; no sort; see the
+file for how its thresholds reproduce the rules above). Selection: ``backend=`` ('reference' is the torch path, which is
 this op's reference; there is no Triton kernel) > ``R2EC_BACKEND`` when it names 'torch' or
 'cuda' (other values, meant for other ops, are ignored here) > automatic: 'cuda' for CUDA
-logits with temperature > 0 when the extension builds and its shared memory fits the device
-(V / 8 bytes with a repetition penalty), else 'torch'. A failed build warns once, with the
+logits with temperature > 0 when the extension builds and its shared memory (at most 34 KiB)
+fits the device, else 'torch'. A failed build warns once, with the
 reason, and the torch path is used from then on. Greedy always runs on the torch path (an
 argmax needs no kernel of its own). The kernel keeps HF's top-k set exactly; at a top-p cut it
 keeps a whole tie where HF keeps an arbitrary part of it, and fp32 rounding may move the cut
@@ -51,10 +52,11 @@ CSRC_SAMPLING = Path(__file__).resolve().parents[2] / "csrc" / "sampling.cu"
 EXTENSION_NAME = "r2ec_fast_sampling"
 
 
-def _kernel_shared_bytes(vocab, top_p, penalised) -> int:
-    """Shared memory per block of csrc/sampling.cu: a bitmap of the penalised ids (V / 8 bytes),
-    16 x 512 fp32 top-p counters, and 1184 bytes of its own (ptxas, sm_90), rounded up."""
-    return 4 * ((vocab + 31) // 32) * penalised + (4 * 16 * 512 if top_p < 1 else 0) + 2048
+def _kernel_shared_bytes(top_p) -> int:
+    """Shared memory per block of csrc/sampling.cu's row kernel: 16 x 512 fp32 top-p counters
+    (or 4096 fp32 top-k candidates, which they reuse), and 1264 bytes of its own (ptxas,
+    sm_90), rounded up. At most 34 KiB: every CUDA device has 48 KiB."""
+    return 4 * (16 * 512 if top_p < 1 else 4096) + 2048
 
 
 def _check_params(temperature, top_k, top_p, repetition_penalty):
@@ -214,7 +216,7 @@ def _resolve_backend(backend, logits, temperature, top_p, repetition_penalty) ->
         return "torch"
     module, reason = _load_extension()
     if module is not None:
-        need = _kernel_shared_bytes(logits.shape[1], top_p, repetition_penalty != 1.0)
+        need = _kernel_shared_bytes(top_p)
         props = torch.cuda.get_device_properties(logits.device)
         have = getattr(props, "shared_memory_per_block_optin", 48 * 1024)
         if need <= have:

@@ -345,25 +345,27 @@ def check_kept_set(base, kept, processed_torch, top_k, top_p, name):
     assert (mass_ge >= goal * (1 - 1e-4)).all() and (mass_gt < goal * (1 + 1e-4)).all(), name
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
-@pytest.mark.parametrize("shape", [(64, 256000), (5, 777)], ids=lambda s: "x".join(map(str, s)))
-def test_gpu_cuda_kernel_matches_the_torch_path(dtype, shape):
+def check_kernel_against_torch(logits, prev, u, settings_list, strided=False, min_sure=None):
+    """The kernel on the GPU against the float64 inverse CDF of its own kept set, the kept set
+    against the torch path's (check_kept_set), and tokens against the torch path on the GPU
+    where both kept sets agree and u lies clear of every CDF boundary (at least min_sure rows,
+    default B / 8). u = 0 and u = 1 must give the first and the last kept id."""
     ext = sampling._cuda_extension()
     assert ext is not None, sampling._load_extension()[1]
-    b, v = shape
-    logits, prev, u = spiked_case(b, v, dtype, seed=v)
+    b, v = logits.shape
+    min_sure = max(1, b // 8) if min_sure is None else min_sure
     dev = torch.device("cuda")
-    if v < 1000:  # strided rows too
-        wide = torch.zeros(b, 2 * v, dtype=dtype)
+    if strided:  # every other column of a wider tensor: the element-load path
+        wide = torch.zeros(b, 2 * v, dtype=logits.dtype)
         wide[:, ::2] = logits
         logits_dev = wide.to(dev)[:, ::2]
     else:
         logits_dev = logits.to(dev)
     prev_dev, u_dev = prev.to(dev), u.to(dev)
-    for settings in GPU_SETTINGS:
+    rows = torch.arange(b)
+    for settings in settings_list:
         temperature, top_k, top_p, penalty = settings
-        name = f"{dtype} {shape} {settings}"
+        name = f"{logits.dtype} {tuple(logits.shape)} {settings}"
         base = process_logits(logits, temperature, 0, 1.0, penalty, prev)  # CPU: IEEE division
         thr = ext.kept_threshold(logits_dev, prev_dev, *settings).cpu()
         kept = base >= thr[:, None]
@@ -377,14 +379,21 @@ def test_gpu_cuda_kernel_matches_the_torch_path(dtype, shape):
         w = torch.where(kept, torch.exp(base.double() - base.double().amax(-1, keepdim=True)),
                         0.0)
         cdf = w.cumsum(-1) / w.sum(-1, keepdim=True)
-        rows = torch.arange(b)
-        assert kept[rows, tokens].all(), name
+        assert kept[rows, tokens].all(), f"{name}: a removed token was drawn"
         after = cdf[rows, tokens]
         before = after - (w / w.sum(-1, keepdim=True))[rows, tokens]
         ud = u.double()
-        assert ((before <= ud + 1e-5) & (after >= ud - 1e-5)).all(), name
+        bad = ~((before <= ud + 1e-5) & (after >= ud - 1e-5))
+        assert not bad.any(), (f"{name}: rows {bad.nonzero()[:5, 0].tolist()} drew outside "
+                               f"u's CDF step")
         expect_lp = torch.log(w[rows, tokens] / w.sum(-1))
         assert_close_verbose(logprobs, expect_lp, atol=1e-4, name=f"{name} logprobs")
+        # the ends: the first and the last kept id
+        ids = torch.arange(v).expand(b, v)
+        for ends, expect in ((torch.zeros(b), torch.where(kept, ids, v).amin(-1)),
+                             (torch.ones(b), torch.where(kept, ids, -1).amax(-1))):
+            got = ext.sample(logits_dev, prev_dev, ends.to(dev), *settings)[0].cpu()
+            assert torch.equal(got, expect), f"{name}: u = {ends[0].item()}"
         # the torch path on the GPU: same token wherever both kept sets agree and u lies
         # clear of every CDF boundary
         t_tok, t_lp = sample(logits_dev, *settings, prev_tokens=prev_dev, uniform=u_dev,
@@ -394,9 +403,37 @@ def test_gpu_cuda_kernel_matches_the_torch_path(dtype, shape):
         sure = same_set & clear
         assert torch.equal(tokens[sure], t_tok.cpu()[sure]), name
         assert_close_verbose(logprobs[sure], t_lp.cpu()[sure], atol=1e-4, name=name)
-        assert int(sure.sum()) >= max(1, b // 8), f"{name}: only {int(sure.sum())} rows compared"
+        assert int(sure.sum()) >= min_sure, f"{name}: only {int(sure.sum())} rows compared"
         auto = sample(logits_dev, *settings, prev_tokens=prev_dev, uniform=u_dev)
         assert torch.equal(auto[0].cpu(), tokens), f"{name}: automatic dispatch"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("shape", [(64, 256000), (7, 5000), (5, 777)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gpu_cuda_kernel_matches_the_torch_path(dtype, shape):
+    """64 x 256000: 16-byte loads, top-k through the tile maxima (k <= 1000 tiles); 7 x 5000:
+    16-byte loads and a partial last tile, k > 20 tiles; 5 x 777: strided element loads."""
+    b, v = shape
+    logits, prev, u = spiked_case(b, v, dtype, seed=v)
+    check_kernel_against_torch(logits, prev, u, GPU_SETTINGS, strided=v < 1000)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_gpu_ties_at_the_top_k_cut(dtype):
+    """5000 ids per row tie at the top: more values at or above the k-th largest tile max
+    than the kernel holds in shared memory (4096), so top-k reads the tiles again; the whole
+    tie is kept. CDF steps of 2e-4 leave few rows clear of u for the torch comparison."""
+    b, v = 64, 256000
+    logits, prev, u = spiked_case(b, v, F32, seed=17)
+    g = torch.Generator().manual_seed(18)
+    tied = torch.rand(b, v, generator=g).argsort(-1)[:, :5000]
+    logits.scatter_(1, tied, 20.0)
+    settings = [(1.0, 0, 1.0, 1.0), (1.0, 200, 1.0, 1.0), (2.0, 200, 1.0, 1.3),
+                (1.0, 6000, 1.0, 1.0)]
+    check_kernel_against_torch(logits.to(dtype), prev, u, settings, min_sure=0)
 
 
 @pytest.mark.gpu
