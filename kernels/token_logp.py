@@ -1,17 +1,33 @@
 """Triton kernels for fused linear token log-probabilities (DESIGN §4.3) and their launchers.
 
     x[t, v] = h[t] . w[v]
-    z[t, v] = softcap * tanh(x / softcap) / temperature      (x / temperature without softcap)
-    logp[t] = z[t, tgt[t]] - lse[t],   entropy[t] = lse[t] - sum_v p[t, v] z[t, v]
+    y[t, v] = tanh(x / softcap)   (x without softcap),   z = z_scale y
+    z_scale = softcap / temperature   (1 / temperature without softcap)
+    logp[t] = (y[t, tgt[t]] - y_max[t]) z_scale - log L[t]
+    entropy[t] = log L[t] - E_p[z - z_max][t]
+    L = sum_v exp(z - z_max),   E_p[z - z_max] = sum_v exp(z - z_max) (z - z_max) / L  (<= 0)
+
+Everything is anchored at the row max, an actual logit, so z - z_max is exact near the max: for
+a peaked row (entropy ~1e-6) the absolute lse and E_p[z] (~30 under Gemma's softcap) would
+carry an error of ulp(30) ~ 2e-6 into `z_tgt - lse` and `lse - E_p[z]`: 100 % of the result,
+seen on an H200, whose many vocabulary splits changed the rounding. The max is taken over y
+and z - z_max computed as (y - y_max) z_scale: on the GPU (Triton's default enable_fp_fusion)
+`y z_scale - z_max` may become one fma, leaving the max's own term off zero by ulp(30) / 2.
 
 Forward, flash-decoding style as in kernels/catalog.py: the grid is (token blocks, vocabulary
-splits); each program streams its split in BLOCK_V tiles (`tl.dot` over d, softcap and
-temperature applied in the tile) and keeps a running (max, sum exp, sum exp * z, target
-logit); a small kernel merges the splits into logp, entropy, lse and mean z.
+splits); each program streams its split in BLOCK_V tiles (`tl.dot` over d, softcap applied in
+the tile) and keeps a running (y_max, L - 1, sum exp(z - z_max) (z - z_max), target's y); a
+small kernel merges the splits at their common max into logp, entropy and the row statistics
+[3, T] = (y_max, log L, E_p[z] - z_max). L - 1 is carried without the max's exact
+exp(0) = 1 and log L = log1p(L - 1): adding each tile into L ~ 1 + 1e-6 rounds away ~5 % of
+a peaked row's log L (twice plain PyTorch's logp error in the interpreter with an H200's 132
+SMs' splits; 1e-4 of it with L - 1).
 
-Backward recomputes every tile from the saved lse (and mean z for the entropy):
+Backward recomputes every tile from the saved row statistics:
 
-    dL/dz = g_logp (1[v = tgt] - p) - g_ent p (z - mean_z),   dz/dx = (1 - tanh^2) / temperature
+    z - z_max = (y - y_max) z_scale,   p = exp((z - z_max) - log L)
+    dL/dz = g_logp (1[v = tgt] - p) - g_ent p ((z - z_max) - E_p[z - z_max])
+    dz/dx = (1 - y^2) / temperature   (1 / temperature without softcap)
 
 in two passes, each output element owned by exactly one program: no atomics, so the result is
 the same bit for bit on every run.
@@ -49,10 +65,10 @@ def _tanh(y):
 
 @triton.jit
 def _logits_tile(H, W, rows, cols, row_mask, col_mask, D, stride_ht, stride_hd, stride_wv,
-                 stride_wd, inv_cap, z_scale, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+                 stride_wd, inv_cap, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr):
-    """(z, tanh) [BLOCK_T, BLOCK_V] fp32: the sampled distribution's logits, and the tanh of
-    the capped raw logits that dz/dx needs (the raw logits when there is no softcap)."""
+    """y [BLOCK_T, BLOCK_V] fp32: tanh(x / softcap), or the raw logits x without a softcap;
+    the sampled distribution's logits are z = z_scale y."""
     acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
@@ -64,115 +80,149 @@ def _logits_tile(H, W, rows, cols, row_mask, col_mask, D, stride_ht, stride_hd, 
                     mask=col_mask[:, None] & d_mask[None, :], other=0.0)
         acc = _mma(h, tl.trans(w), acc, DOT_F32)
     if SOFTCAP:
-        th = _tanh(acc * inv_cap)
-        return th * z_scale, th  # z_scale = softcap / temperature
+        return _tanh(acc * inv_cap)
     else:
-        return acc * z_scale, acc  # z_scale = 1 / temperature
+        return acc
 
 
 @triton.jit
-def _grad_logits(z, th, cols, col_mask, tgt, lse, mean_z, g_lp, g_ent, inv_temp,
+def _grad_logits(y, cols, col_mask, tgt, m, log_l, mean_zm, g_lp, g_ent, z_scale, inv_temp,
                  SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr):
     """dL/dx [BLOCK_T, BLOCK_V] fp32 for upstream gradients g_lp (of logp) and g_ent (of the
     entropy), both already zero on ignored and out-of-range tokens."""
-    p = tl.exp(z - lse[:, None])
+    zm = (y - m[:, None]) * z_scale  # z - z_max; exactly 0 at the max (module docstring)
+    p = tl.exp(zm - log_l[:, None])
     coef = tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0) - p * g_lp[:, None]
     if ENTROPY:
-        coef -= p * (z - mean_z[:, None]) * g_ent[:, None]
+        coef -= p * (zm - mean_zm[:, None]) * g_ent[:, None]
     if SOFTCAP:
-        coef = coef * ((1.0 - th * th) * inv_temp)
+        coef = coef * ((1.0 - y * y) * inv_temp)
     else:
         coef = coef * inv_temp
     return tl.where(col_mask[None, :], coef, 0.0)
 
 
 @triton.jit
-def _load_token_grads(TGT, LSE, MEAN_Z, G_LP, G_ENT, rows, row_mask, ENTROPY: tl.constexpr):
+def _load_token_grads(TGT, STATS, G_LP, G_ENT, T, rows, row_mask, ENTROPY: tl.constexpr):
+    """Per token: target, row statistics (y_max, log L, E_p[z] - z_max; STATS is contiguous
+    [3, T]) and the upstream gradients."""
     tgt = tl.load(TGT + rows, mask=row_mask, other=-1)
-    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    m = tl.load(STATS + rows, mask=row_mask, other=0.0)
+    log_l = tl.load(STATS + T + rows, mask=row_mask, other=0.0)
     g_lp = tl.where(tgt >= 0, tl.load(G_LP + rows, mask=row_mask, other=0.0), 0.0)
     if ENTROPY:
-        mean_z = tl.load(MEAN_Z + rows, mask=row_mask, other=0.0)
+        mean_zm = tl.load(STATS + 2 * T + rows, mask=row_mask, other=0.0)
         g_ent = tl.where(tgt >= 0, tl.load(G_ENT + rows, mask=row_mask, other=0.0), 0.0)
     else:
-        mean_z = lse
+        mean_zm = log_l
         g_ent = g_lp
-    return tgt, lse, mean_z, g_lp, g_ent
+    return tgt, m, log_l, mean_zm, g_lp, g_ent
+
+
+@triton.jit
+def _log1p(x):
+    # Goldberg: log(u) x / (u - 1) cancels the rounding of u = 1 + x; tl.log is the precise log
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
 
 
 @triton.jit
 def _token_logp_fwd_kernel(
-    H, W, TGT, PART_M, PART_L, PART_EZ, PART_ZT,
+    H, W, TGT, PART_M, PART_R, PART_EZR, PART_YT,
     T, V, D, tiles_per_split, inv_cap, z_scale,
     stride_ht, stride_hd, stride_wv, stride_wd,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, DOT_F32: tl.constexpr,
 ):
+    """Per split: y_max m, r = L - 1, sum exp(z - z_max) (z - z_max), target's y."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
     tgt = tl.load(TGT + rows, mask=row_mask, other=-1)
     m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_T,), tl.float32)
-    ez = tl.zeros((BLOCK_T,), tl.float32)  # sum exp(z - m) z
-    z_tgt = tl.zeros((BLOCK_T,), tl.float32)
+    r = tl.full((BLOCK_T,), -1.0, tl.float32)  # L - 1 without the max's exact 1 (docstring)
+    ezr = tl.zeros((BLOCK_T,), tl.float32)  # sum exp(z - z_max) (z - z_max), <= 0
+    y_tgt = tl.zeros((BLOCK_T,), tl.float32)
     v_begin = pid_s * tiles_per_split * BLOCK_V
     for it in range(0, tiles_per_split):
         cols = v_begin + it * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        z, _ = _logits_tile(H, W, rows, cols, row_mask, col_mask, D, stride_ht, stride_hd,
-                            stride_wv, stride_wd, inv_cap, z_scale, BLOCK_T, BLOCK_V, BLOCK_D,
-                            SOFTCAP, DOT_F32)
-        z_tgt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        y = _logits_tile(H, W, rows, cols, row_mask, col_mask, D, stride_ht, stride_hd,
+                         stride_wv, stride_wd, inv_cap, BLOCK_T, BLOCK_V, BLOCK_D, SOFTCAP,
+                         DOT_F32)
+        y_tgt += tl.sum(tl.where(cols[None, :] == tgt[:, None], y, 0.0), axis=1)
         # the first tile of a split always holds a column < V, so m is finite from then on
-        m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], z, float("-inf")), axis=1))
-        alpha = tl.exp(m - m_new)
-        e = tl.where(col_mask[None, :], tl.exp(z - m_new[:, None]), 0.0)
-        l = l * alpha + tl.sum(e, axis=1)
+        tile_max = tl.max(tl.where(col_mask[None, :], y, float("-inf")), axis=1)
+        m_new = tl.maximum(m, tile_max)
+        alpha = tl.exp((m - m_new) * z_scale)  # 0 on the first tile
+        ym = y - m_new[:, None]
+        zm = ym * z_scale
+        at_max = col_mask[None, :] & (ym == 0.0)
+        # the exact ones of the maxima are counted, not summed: e holds the other terms
+        e = tl.where(col_mask[None, :] & (ym != 0.0), tl.exp(zm), 0.0)
+        e_sum = tl.sum(e, axis=1)
         if ENTROPY:
-            ez = ez * alpha + tl.sum(e * z, axis=1)
+            # re-anchor: sum e (z - z_old) = sum e (z - z_new) + L (z_new - z_old); the first
+            # tile has L = 0 and m_old = -inf, hence the guard
+            shift = tl.where(r > -1.0, (m - m_new) * z_scale, 0.0)
+            ezr = alpha * (ezr + (1.0 + r) * shift) + tl.sum(e * zm, axis=1)
+        n_max = tl.sum(at_max.to(tl.float32), axis=1)
+        r = tl.where(tile_max >= m, alpha * (1.0 + r) + e_sum + (n_max - 1.0), r + e_sum)
         m = m_new
     out = pid_s * T + rows
     tl.store(PART_M + out, m, mask=row_mask)
-    tl.store(PART_L + out, l, mask=row_mask)
-    tl.store(PART_ZT + out, z_tgt, mask=row_mask)
+    tl.store(PART_R + out, r, mask=row_mask)
+    tl.store(PART_YT + out, y_tgt, mask=row_mask)
     if ENTROPY:
-        tl.store(PART_EZ + out, ez, mask=row_mask)
+        tl.store(PART_EZR + out, ezr, mask=row_mask)
 
 
 @triton.jit
-def _token_logp_merge_kernel(PART_M, PART_L, PART_EZ, PART_ZT, TGT, LOGP, ENT, LSE, MEAN_Z,
-                             T, num_splits, BLOCK: tl.constexpr, ENTROPY: tl.constexpr):
+def _token_logp_merge_kernel(PART_M, PART_R, PART_EZR, PART_YT, TGT, LOGP, ENT, STATS,
+                             T, num_splits, z_scale, BLOCK: tl.constexpr,
+                             ENTROPY: tl.constexpr):
+    """Splits -> logp, entropy and STATS [3, T] = (y_max, log L, E_p[z] - z_max) at the
+    common max."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < T
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
     for s in range(0, num_splits):
         m = tl.maximum(m, tl.load(PART_M + s * T + rows, mask=mask, other=float("-inf")))
-    m_safe = tl.where(mask, m, 0.0)
-    l = tl.zeros((BLOCK,), tl.float32)
-    ez = tl.zeros((BLOCK,), tl.float32)
-    z_tgt = tl.zeros((BLOCK,), tl.float32)
+    m = tl.where(mask, m, 0.0)
+    r = tl.zeros((BLOCK,), tl.float32)  # L - 1
+    found = tl.zeros((BLOCK,), tl.int32)  # the split whose exact 1 stands for L's 1 was seen
+    ezr = tl.zeros((BLOCK,), tl.float32)
+    y_tgt = tl.zeros((BLOCK,), tl.float32)
     for s in range(0, num_splits):
-        scale = tl.exp(tl.load(PART_M + s * T + rows, mask=mask, other=0.0) - m_safe)
-        l += tl.load(PART_L + s * T + rows, mask=mask, other=0.0) * scale
-        z_tgt += tl.load(PART_ZT + s * T + rows, mask=mask, other=0.0)
+        m_s = tl.load(PART_M + s * T + rows, mask=mask, other=0.0)
+        r_s = tl.load(PART_R + s * T + rows, mask=mask, other=0.0)
+        shift = (m_s - m) * z_scale
+        scale = tl.exp(shift)
+        first_max = (m_s == m) & (found == 0)
+        # an empty split (r_s = -1, m_s = -inf) adds nothing
+        r += tl.where(first_max, r_s, scale * (1.0 + r_s))
+        found = tl.where(first_max, 1, found)
+        y_tgt += tl.load(PART_YT + s * T + rows, mask=mask, other=0.0)
         if ENTROPY:
-            ez += tl.load(PART_EZ + s * T + rows, mask=mask, other=0.0) * scale
-    l = tl.where(mask, l, 1.0)
-    lse = m_safe + tl.log(l)
+            ezr_s = tl.load(PART_EZR + s * T + rows, mask=mask, other=0.0)
+            ezr += tl.where(r_s > -1.0, scale * (ezr_s + (1.0 + r_s) * shift), 0.0)
+    log_l = _log1p(r)
     valid = tl.load(TGT + rows, mask=mask, other=-1) >= 0
-    tl.store(LSE + rows, lse, mask=mask)
-    tl.store(LOGP + rows, tl.where(valid, z_tgt - lse, 0.0), mask=mask)
+    tl.store(STATS + rows, m, mask=mask)
+    tl.store(STATS + T + rows, log_l, mask=mask)
+    tl.store(LOGP + rows, tl.where(valid, (y_tgt - m) * z_scale - log_l, 0.0), mask=mask)
     if ENTROPY:
-        mean_z = ez / l
-        tl.store(MEAN_Z + rows, mean_z, mask=mask)
-        tl.store(ENT + rows, tl.where(valid, lse - mean_z, 0.0), mask=mask)
+        mean_zm = ezr / (1.0 + r)
+        tl.store(STATS + 2 * T + rows, mean_zm, mask=mask)
+        tl.store(ENT + rows, tl.where(valid, log_l - mean_zm, 0.0), mask=mask)
+    else:
+        tl.store(STATS + 2 * T + rows, tl.zeros((BLOCK,), tl.float32), mask=mask)
 
 
 @triton.jit
 def _token_logp_bwd_hidden_kernel(
-    H, W, TGT, LSE, MEAN_Z, G_LP, G_ENT, PART_GH,
+    H, W, TGT, STATS, G_LP, G_ENT, PART_GH,
     T, V, D, tiles_per_split, inv_cap, z_scale, inv_temp,
     stride_ht, stride_hd, stride_wv, stride_wd,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -184,19 +234,19 @@ def _token_logp_bwd_hidden_kernel(
     pid_s = tl.program_id(1)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
-    tgt, lse, mean_z, g_lp, g_ent = _load_token_grads(TGT, LSE, MEAN_Z, G_LP, G_ENT, rows,
-                                                      row_mask, ENTROPY)
+    tgt, m, log_l, mean_zm, g_lp, g_ent = _load_token_grads(TGT, STATS, G_LP, G_ENT, T, rows,
+                                                            row_mask, ENTROPY)
     offs_d = tl.arange(0, BLOCK_D)
     out_base = PART_GH + (pid_s * T + rows.to(tl.int64))[:, None] * D
     v_begin = pid_s * tiles_per_split * BLOCK_V
     for it in range(0, tiles_per_split):
         cols = v_begin + it * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        z, th = _logits_tile(H, W, rows, cols, row_mask, col_mask, D, stride_ht, stride_hd,
-                             stride_wv, stride_wd, inv_cap, z_scale, BLOCK_T, BLOCK_V,
-                             BLOCK_D, SOFTCAP, DOT_F32)
-        coef = _grad_logits(z, th, cols, col_mask, tgt, lse, mean_z, g_lp, g_ent, inv_temp,
-                            SOFTCAP, ENTROPY)
+        y = _logits_tile(H, W, rows, cols, row_mask, col_mask, D, stride_ht, stride_hd,
+                         stride_wv, stride_wd, inv_cap, BLOCK_T, BLOCK_V, BLOCK_D, SOFTCAP,
+                         DOT_F32)
+        coef = _grad_logits(y, cols, col_mask, tgt, m, log_l, mean_zm, g_lp, g_ent, z_scale,
+                            inv_temp, SOFTCAP, ENTROPY)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             d_mask = dd < D
@@ -214,7 +264,7 @@ def _token_logp_bwd_hidden_kernel(
 
 @triton.jit
 def _token_logp_bwd_weight_kernel(
-    H, W, TGT, LSE, MEAN_Z, G_LP, G_ENT, GW, SCRATCH,
+    H, W, TGT, STATS, G_LP, G_ENT, GW, SCRATCH,
     T, V, D, n_tiles, inv_cap, z_scale, inv_temp,
     stride_ht, stride_hd, stride_wv, stride_wd,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -242,13 +292,13 @@ def _token_logp_bwd_weight_kernel(
         for t0 in range(0, T, BLOCK_T):
             rows = t0 + tl.arange(0, BLOCK_T)
             row_mask = rows < T
-            tgt, lse, mean_z, g_lp, g_ent = _load_token_grads(TGT, LSE, MEAN_Z, G_LP, G_ENT,
-                                                              rows, row_mask, ENTROPY)
-            z, th = _logits_tile(H, W, rows, cols, row_mask, col_mask, D, stride_ht,
-                                 stride_hd, stride_wv, stride_wd, inv_cap, z_scale, BLOCK_T,
-                                 BLOCK_V, BLOCK_D, SOFTCAP, DOT_F32)
-            coef = tl.trans(_grad_logits(z, th, cols, col_mask, tgt, lse, mean_z, g_lp, g_ent,
-                                         inv_temp, SOFTCAP, ENTROPY))  # [BLOCK_V, BLOCK_T]
+            tgt, m, log_l, mean_zm, g_lp, g_ent = _load_token_grads(TGT, STATS, G_LP, G_ENT, T,
+                                                                    rows, row_mask, ENTROPY)
+            y = _logits_tile(H, W, rows, cols, row_mask, col_mask, D, stride_ht, stride_hd,
+                             stride_wv, stride_wd, inv_cap, BLOCK_T, BLOCK_V, BLOCK_D, SOFTCAP,
+                             DOT_F32)
+            coef = tl.trans(_grad_logits(y, cols, col_mask, tgt, m, log_l, mean_zm, g_lp, g_ent,
+                                         z_scale, inv_temp, SOFTCAP, ENTROPY))  # [BLOCK_V, BLOCK_T]
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + offs_d
                 d_mask = dd < D
@@ -325,7 +375,8 @@ def _scales(softcap, temperature):
 
 def token_logp_forward(hidden, weight, targets, softcap, temperature: float,
                        want_entropy: bool, config: dict | None = None):
-    """(logp [T], entropy [T] or None, lse [T], mean_z [T] or None), all fp32."""
+    """(logp [T], entropy [T] or None, row statistics [3, T] = (y_max, log L, E_p[z] - z_max;
+    the last zero without the entropy)), all fp32: what the backward takes."""
     _check_operands(hidden, weight, targets)
     n_tokens, d = hidden.shape
     vocab = weight.shape[0]
@@ -341,39 +392,40 @@ def token_logp_forward(hidden, weight, targets, softcap, temperature: float,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d, SOFTCAP=softcap is not None,
         ENTROPY=want_entropy, DOT_F32=dot_f32, **launch)
-    logp, lse = _empty((n_tokens,), torch.float32, dev), _empty((n_tokens,), torch.float32, dev)
+    logp = _empty((n_tokens,), torch.float32, dev)
+    stats = _empty((3, n_tokens), torch.float32, dev)
     entropy = _empty((n_tokens,), torch.float32, dev) if want_entropy else None
-    mean_z = _empty((n_tokens,), torch.float32, dev) if want_entropy else None
     merge_block = 128
     _token_logp_merge_kernel[(triton.cdiv(n_tokens, merge_block),)](
-        *part, targets, logp, entropy if want_entropy else lse, lse,
-        mean_z if want_entropy else lse, n_tokens, splits, BLOCK=merge_block,
-        ENTROPY=want_entropy)
-    return logp, entropy, lse, mean_z
+        *part, targets, logp, entropy if want_entropy else logp, stats, n_tokens, splits,
+        z_scale, BLOCK=merge_block, ENTROPY=want_entropy)
+    return logp, entropy, stats
 
 
-def token_logp_backward(hidden, weight, targets, lse, mean_z, grad_logp, grad_entropy,
+def token_logp_backward(hidden, weight, targets, stats, grad_logp, grad_entropy,
                         softcap, temperature: float, need_hidden: bool, need_weight: bool,
                         config: dict | None = None):
     """(grad_hidden in hidden's dtype or None, grad_weight in weight's dtype or None) of
-    sum_t grad_logp[t] logp[t] + grad_entropy[t] entropy[t]; `grad_entropy` (with `mean_z`)
-    may be None. Upstream gradients are fp32 [T]."""
+    sum_t grad_logp[t] logp[t] + grad_entropy[t] entropy[t]; `grad_entropy` may be None.
+    `stats` is the forward's [3, T] fp32 (with E_p[z] - z_max when there is an entropy
+    gradient);
+    upstream gradients are fp32 [T]."""
     _check_operands(hidden, weight, targets)
     n_tokens, d = hidden.shape
     vocab = weight.shape[0]
     dot_f32, cast_coef = _dot_modes(hidden, weight)
     block_t, block_v, block_d, programs, launch = _config(n_tokens, d, dot_f32, config)
     entropy = grad_entropy is not None
-    if entropy and mean_z is None:
-        raise ValueError("an entropy gradient needs the forward's mean_z")
+    if stats.shape != (3, n_tokens) or stats.dtype != torch.float32 or not stats.is_contiguous():
+        raise ValueError(f"stats must be the forward's contiguous fp32 [3, {n_tokens}], got "
+                         f"{stats.dtype} {tuple(stats.shape)}")
     dev = hidden.device
     inv_cap, z_scale, inv_temp = _scales(softcap, temperature)
     common = (n_tokens, vocab, d)
     strides = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
     flags = dict(BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d,
                  SOFTCAP=softcap is not None, ENTROPY=entropy, CAST_COEF=cast_coef)
-    token_args = (targets, lse, mean_z if entropy else lse, grad_logp,
-                  grad_entropy if entropy else grad_logp)
+    token_args = (targets, stats, grad_logp, grad_entropy if entropy else grad_logp)
     n_tiles = triton.cdiv(vocab, block_v)
     grad_hidden = grad_weight = None
     if need_hidden:

@@ -3,11 +3,20 @@
 logits = softcap * tanh((hidden @ weight.T) / softcap) / temperature   (softcap optional)
 logp[t] = logits[t, target[t]] - logsumexp(logits[t]);  entropy[t] = lse[t] - sum_v p z
 
+The fused paths compute both anchored at the row max z_max (an actual logit, so z - z_max is
+exact near the max): logp = (z_tgt - z_max) - log L and entropy = log L - E_p[z - z_max], with
+L = sum exp(z - z_max). The absolute lse and E_p[z] (~30 under a softcap of 30) would cost
+ulp(30) ~ 2e-6 in absolute error, 100 % of a peaked row's entropy. L - 1 is carried without
+the max's exact 1 and log L = log1p(L - 1); z - z_max is computed as (y - y_max) z_scale, where
+z = z_scale y and y = tanh(x / softcap) (see kernels/token_logp.py for why). Forward saves the
+row statistics [3, T] fp32 (y_max, log L, E_p[z] - z_max) for the backward.
+
 Implementations (DESIGN §3):
 - ``reference``: materialises the T x |Vocab| logits (float64 with upcast=True);
 - ``torch``: a custom autograd Function over [token chunk x vocabulary chunk] blocks with an
-  online log-sum-exp; backward recomputes the blocks from the saved lse, so no T x |Vocab|
-  tensor exists in forward or backward; no weight-gradient work when the weight is frozen;
+  online log-sum-exp; backward recomputes the blocks from the saved row statistics, so no
+  T x |Vocab| tensor exists in forward or backward; no weight-gradient work when the weight
+  is frozen;
 - ``triton``: the kernels of ``r2ec_fast.kernels.token_logp`` (split vocabulary + merge
   forward; two deterministic backward passes, one per gradient).
 """
@@ -57,21 +66,21 @@ def _check(hidden, weight, targets, softcap, temperature, ignore_index):
                              f"ignore_index={ignore_index}")
 
 
-def _transform(x: torch.Tensor, softcap, temperature) -> torch.Tensor:
-    """Raw logits -> the sampled distribution's logits (in place on x)."""
-    if softcap is not None:
-        x.div_(softcap).tanh_().mul_(softcap)
-    if temperature != 1.0:
-        x.div_(temperature)
-    return x
+def _capped(x: torch.Tensor, softcap) -> torch.Tensor:
+    """Raw logits x -> y = tanh(x / softcap) (in place on x; x itself without a softcap); the
+    sampled distribution's logits are z = _z_scale(...) y, as in the Triton kernels."""
+    return x if softcap is None else x.div_(softcap).tanh_()
 
 
-def _dz_dx(z: torch.Tensor, softcap, temperature) -> torch.Tensor | float:
-    """d logits / d raw logits, from the transformed logits z."""
+def _z_scale(softcap, temperature) -> float:
+    return (1.0 if softcap is None else softcap) / temperature
+
+
+def _dz_dx(y: torch.Tensor, softcap, temperature) -> torch.Tensor | float:
+    """d logits / d raw logits, from y."""
     if softcap is None:
         return 1.0 / temperature
-    tanh = z * (temperature / softcap)
-    return (1.0 - tanh * tanh) / temperature
+    return (1.0 - y * y) / temperature
 
 
 def linear_log_probs_reference(hidden, weight, targets, softcap=None, temperature=1.0,
@@ -98,47 +107,59 @@ def _blocks(n_tokens: int, vocab: int) -> tuple[int, int]:
     return token_chunk, max(1, min(vocab, BLOCK_ELEMS // token_chunk))
 
 
-def _forward_chunk(h, weight, tgt, valid, softcap, temperature, vocab_chunk, want_mean_z):
-    """(lse, target logit, E[z] or zeros) of one token chunk [Tc], streaming over the
-    vocabulary; E[z] (for the entropy) costs one more pass over each block, so only on demand."""
+def _forward_chunk(h, weight, tgt, valid, softcap, temperature, vocab_chunk, want_entropy):
+    """(row statistics [3, Tc] = (y_max, log L, E_p[z] - z_max or zeros), target's y [Tc]) of
+    one token chunk, streaming over the vocabulary. Same recurrences as the Triton forward
+    kernel (see its module docstring)."""
     n = h.shape[0]
-    m = torch.full((n,), float("-inf"), device=h.device)
-    l = torch.zeros(n, device=h.device)
-    ez = torch.zeros(n, device=h.device)  # sum exp(z - m) * z
-    z_tgt = torch.zeros(n, device=h.device)
+    z_scale = _z_scale(softcap, temperature)
+    m = torch.full((n,), float("-inf"), device=h.device)  # y_max
+    r = torch.full((n,), -1.0, device=h.device)  # L - 1 without the max's exact 1
+    ezr = torch.zeros(n, device=h.device)  # sum exp(z - z_max) (z - z_max), <= 0
+    y_tgt = torch.zeros(n, device=h.device)
     for a in range(0, weight.shape[0], vocab_chunk):
         b = min(a + vocab_chunk, weight.shape[0])
-        z = _transform(h @ weight[a:b].float().T, softcap, temperature)  # [Tc, Vc]
+        y = _capped(h @ weight[a:b].float().T, softcap)  # [Tc, Vc]
         inside = valid & (tgt >= a) & (tgt < b)
-        z_tgt += torch.where(inside, z.gather(1, (tgt - a).clamp(0, b - a - 1)[:, None])[:, 0], 0.0)
-        m_new = torch.maximum(m, z.amax(1))
-        alpha = torch.exp(m - m_new)
-        e = torch.exp(z - m_new[:, None])
-        l = l * alpha + e.sum(1)
-        if want_mean_z:
-            ez = ez * alpha + e.mul_(z).sum(1)
+        y_tgt += torch.where(inside, y.gather(1, (tgt - a).clamp(0, b - a - 1)[:, None])[:, 0], 0.0)
+        block_max = y.amax(1)
+        m_new = torch.maximum(m, block_max)
+        alpha = torch.exp((m - m_new) * z_scale)  # 0 on the first block
+        ym = y.sub_(m_new[:, None])
+        at_max = ym == 0
+        zm = ym.mul_(z_scale)
+        e = torch.exp(zm).masked_fill_(at_max, 0.0)  # the maxima's exact ones are counted
+        if want_entropy:
+            # re-anchor at m_new; the first block has L = 0 and m = -inf, hence the guard
+            shift = torch.where(r > -1, (m - m_new) * z_scale, 0.0)
+            ezr = alpha * (ezr + (1 + r) * shift) + (e * zm).sum(1)
+        e_sum = e.sum(1)
+        r = torch.where(block_max >= m, alpha * (1 + r) + e_sum + (at_max.sum(1) - 1), r + e_sum)
         m = m_new
-    lse = m + torch.log(l)
-    return lse, z_tgt, ez / l
+    return torch.stack((m, torch.log1p(r), ezr / (1 + r))), y_tgt
 
 
-def _backward_chunk(h, weight, tgt, valid, lse, mean_z, g_logp, g_ent, softcap, temperature,
+def _backward_chunk(h, weight, tgt, valid, stats, g_logp, g_ent, softcap, temperature,
                     vocab_chunk, grad_w):
-    """grad of the token chunk's hidden rows [Tc, d]; adds into grad_w [V, d] when given."""
+    """grad of the token chunk's hidden rows [Tc, d]; adds into grad_w [V, d] when given.
+    `stats` [3, Tc] = (y_max, log L, E_p[z] - z_max)."""
+    m, log_l, mean_zm = stats[0, :, None], stats[1, :, None], stats[2, :, None]
+    z_scale = _z_scale(softcap, temperature)
     grad_h = torch.zeros_like(h)
     for a in range(0, weight.shape[0], vocab_chunk):
         b = min(a + vocab_chunk, weight.shape[0])
         w = weight[a:b].float()
-        z = _transform(h @ w.T, softcap, temperature)  # [Tc, Vc]
-        p = torch.exp(z - lse[:, None])
-        # d/dz of g_logp * (z_tgt - lse) + g_ent * (lse - sum p z)
+        y = _capped(h @ w.T, softcap)  # [Tc, Vc]
+        zm = (y - m) * z_scale  # z - z_max
+        p = torch.exp(zm - log_l)
+        # d/dz of g_logp * (z_tgt - lse) + g_ent * (lse - sum p z); z - E_p[z] = zm - mean_zm
         coef = -p * g_logp[:, None]
         if g_ent is not None:
-            coef -= (p * (z - mean_z[:, None])) * g_ent[:, None]
+            coef -= (p * (zm - mean_zm)) * g_ent[:, None]
         inside = valid & (tgt >= a) & (tgt < b)
         coef.scatter_add_(1, (tgt - a).clamp(0, b - a - 1)[:, None],
                           torch.where(inside, g_logp, 0.0)[:, None])
-        coef = coef * _dz_dx(z, softcap, temperature)
+        coef = coef * _dz_dx(y, softcap, temperature)
         coef = torch.where(valid[:, None], coef, 0.0)
         grad_h.addmm_(coef, w)
         if grad_w is not None:
@@ -147,35 +168,34 @@ def _backward_chunk(h, weight, tgt, valid, lse, mean_z, g_logp, g_ent, softcap, 
 
 
 def _torch_forward(hidden, weight, tgt, valid, softcap, temperature, want_entropy):
-    """(logp, entropy, lse, mean_z) [T] fp32 by the blocked torch path."""
+    """(logp [T], entropy [T], row statistics [3, T]) fp32 by the blocked torch path."""
     n_tokens = hidden.shape[0]
     token_chunk, vocab_chunk = _blocks(n_tokens, weight.shape[0])
-    lse = torch.empty(n_tokens, device=hidden.device)
-    mean_z = torch.empty(n_tokens, device=hidden.device)
-    logp = torch.empty(n_tokens, device=hidden.device)
+    stats = torch.empty(3, n_tokens, device=hidden.device)
+    y_tgt = torch.empty(n_tokens, device=hidden.device)
     for s in range(0, n_tokens, token_chunk):
         e = min(s + token_chunk, n_tokens)
-        lse[s:e], z_tgt, mean_z[s:e] = _forward_chunk(
+        stats[:, s:e], y_tgt[s:e] = _forward_chunk(
             hidden[s:e].float(), weight, tgt[s:e], valid[s:e], softcap, temperature,
             vocab_chunk, want_entropy)
-        logp[s:e] = z_tgt - lse[s:e]
-    logp = torch.where(valid, logp, 0.0)
-    entropy = (torch.where(valid, lse - mean_z, 0.0) if want_entropy
-               else torch.zeros_like(lse))
-    return logp, entropy, lse, mean_z
+    m, log_l, mean_zm = stats
+    logp = torch.where(valid, (y_tgt - m) * _z_scale(softcap, temperature) - log_l, 0.0)
+    entropy = (torch.where(valid, log_l - mean_zm, 0.0) if want_entropy
+               else torch.zeros_like(logp))
+    return logp, entropy, stats
 
 
-def _torch_backward(hidden, weight, tgt, valid, lse, mean_z, g_logp, g_ent, softcap,
-                    temperature, need_h, need_w):
+def _torch_backward(hidden, weight, tgt, valid, stats, g_logp, g_ent, softcap, temperature,
+                    need_h, need_w):
     n_tokens = hidden.shape[0]
     token_chunk, vocab_chunk = _blocks(n_tokens, weight.shape[0])
     grad_w = torch.zeros(weight.shape, device=weight.device) if need_w else None
     grad_h = torch.empty(hidden.shape, device=hidden.device) if need_h else None
     for s in range(0, n_tokens, token_chunk):
         e = min(s + token_chunk, n_tokens)
-        gh = _backward_chunk(hidden[s:e].float(), weight, tgt[s:e], valid[s:e], lse[s:e],
-                             mean_z[s:e], g_logp[s:e], None if g_ent is None else g_ent[s:e],
-                             softcap, temperature, vocab_chunk, grad_w)
+        gh = _backward_chunk(hidden[s:e].float(), weight, tgt[s:e], valid[s:e], stats[:, s:e],
+                             g_logp[s:e], None if g_ent is None else g_ent[s:e], softcap,
+                             temperature, vocab_chunk, grad_w)
         if need_h:
             grad_h[s:e] = gh
     return (grad_h.to(hidden.dtype) if need_h else None,
@@ -184,23 +204,23 @@ def _torch_backward(hidden, weight, tgt, valid, lse, mean_z, g_logp, g_ent, soft
 
 def _forward_impl(hidden, weight, targets, softcap, temperature, ignore_index, want_entropy,
                   backend):
-    """(logp, entropy, lse, mean_z) [T] fp32; entropy and mean_z are zeros / lse when not
-    wanted."""
+    """(logp [T], entropy [T], row statistics [3, T] = (y_max, log L, E_p[z] - z_max)) fp32;
+    entropy and E_p[z] - z_max are zeros when not wanted."""
     valid = targets != ignore_index
     if backend == "triton":
         from r2ec_fast.kernels import token_logp as kern
 
         tgt = torch.where(valid, targets, -1).long().contiguous()
-        logp, entropy, lse, mean_z = kern.token_logp_forward(hidden, weight, tgt, softcap,
-                                                             temperature, want_entropy)
+        logp, entropy, stats = kern.token_logp_forward(hidden, weight, tgt, softcap,
+                                                       temperature, want_entropy)
         if entropy is None:
-            entropy, mean_z = torch.zeros_like(lse), lse.clone()
-        return logp, entropy, lse, mean_z
+            entropy = torch.zeros_like(logp)
+        return logp, entropy, stats
     tgt = torch.where(valid, targets, 0).long()
     return _torch_forward(hidden, weight, tgt, valid, softcap, temperature, want_entropy)
 
 
-def _backward_impl(g_logp, g_ent, hidden, weight, targets, lse, mean_z, softcap, temperature,
+def _backward_impl(g_logp, g_ent, hidden, weight, targets, stats, softcap, temperature,
                    ignore_index, backend, need_h, need_w):
     """(grad hidden, grad weight) in the inputs' dtypes; [0]-shaped when not needed. `g_ent`
     None: no entropy term."""
@@ -211,11 +231,11 @@ def _backward_impl(g_logp, g_ent, hidden, weight, targets, lse, mean_z, softcap,
         from r2ec_fast.kernels import token_logp as kern
 
         tgt = torch.where(valid, targets, -1).long().contiguous()
-        grad_h, grad_w = kern.token_logp_backward(hidden, weight, tgt, lse, mean_z, g_logp,
-                                                  g_ent, softcap, temperature, need_h, need_w)
+        grad_h, grad_w = kern.token_logp_backward(hidden, weight, tgt, stats, g_logp, g_ent,
+                                                  softcap, temperature, need_h, need_w)
     else:
         tgt = torch.where(valid, targets, 0).long()
-        grad_h, grad_w = _torch_backward(hidden, weight, tgt, valid, lse, mean_z, g_logp, g_ent,
+        grad_h, grad_w = _torch_backward(hidden, weight, tgt, valid, stats, g_logp, g_ent,
                                          softcap, temperature, need_h, need_w)
     return (grad_h if need_h else hidden.new_empty(0),
             grad_w if need_w else weight.new_empty(0))
@@ -229,28 +249,31 @@ def _backward_impl(g_logp, g_ent, hidden, weight, targets, lse, mean_z, softcap,
 def linear_log_probs_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         softcap: Optional[float], temperature: float, ignore_index: int,
                         want_entropy: bool, backend: str
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward_impl(hidden, weight, targets, softcap, temperature, ignore_index,
                          want_entropy, backend)
 
 
 @linear_log_probs_op.register_fake
 def _(hidden, weight, targets, softcap, temperature, ignore_index, want_entropy, backend):
-    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(4))
+    n_tokens = hidden.shape[0]
+    return (hidden.new_empty(n_tokens, dtype=torch.float32),
+            hidden.new_empty(n_tokens, dtype=torch.float32),
+            hidden.new_empty((3, n_tokens), dtype=torch.float32))
 
 
 @torch.library.custom_op("r2ec_fast::linear_log_probs_backward", mutates_args=())
 def linear_log_probs_backward(g_logp: torch.Tensor, g_ent: Optional[torch.Tensor],
                               hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              lse: torch.Tensor, mean_z: torch.Tensor, softcap: Optional[float],
+                              stats: torch.Tensor, softcap: Optional[float],
                               temperature: float, ignore_index: int, backend: str,
                               need_h: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward_impl(g_logp, g_ent, hidden, weight, targets, lse, mean_z, softcap,
-                          temperature, ignore_index, backend, need_h, need_w)
+    return _backward_impl(g_logp, g_ent, hidden, weight, targets, stats, softcap, temperature,
+                          ignore_index, backend, need_h, need_w)
 
 
 @linear_log_probs_backward.register_fake
-def _(g_logp, g_ent, hidden, weight, targets, lse, mean_z, softcap, temperature, ignore_index,
+def _(g_logp, g_ent, hidden, weight, targets, stats, softcap, temperature, ignore_index,
       backend, need_h, need_w):
     return (hidden.new_empty(hidden.shape if need_h else (0,)),
             weight.new_empty(weight.shape if need_w else (0,)))
@@ -258,25 +281,24 @@ def _(g_logp, g_ent, hidden, weight, targets, lse, mean_z, softcap, temperature,
 
 def _setup(ctx, inputs, output):
     hidden, weight, targets, softcap, temperature, ignore_index, want_entropy, backend = inputs
-    ctx.save_for_backward(hidden, weight, targets, output[2], output[3])
+    ctx.save_for_backward(hidden, weight, targets, output[2])
     ctx.args = (softcap, temperature, ignore_index, want_entropy, backend)
-    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.mark_non_differentiable(output[2])
 
 
 def _grads(ctx, g_logp, g_ent, backward):
-    hidden, weight, targets, lse, mean_z = ctx.saved_tensors
+    hidden, weight, targets, stats = ctx.saved_tensors
     softcap, temperature, ignore_index, want_entropy, backend = ctx.args
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    g_logp = torch.zeros_like(lse) if g_logp is None else g_logp
+    g_logp = torch.zeros_like(stats[0]) if g_logp is None else g_logp
     g_ent = g_ent if want_entropy else None
-    grad_h, grad_w = backward(g_logp, g_ent, hidden, weight, targets, lse, mean_z, softcap,
+    grad_h, grad_w = backward(g_logp, g_ent, hidden, weight, targets, stats, softcap,
                               temperature, ignore_index, backend, need_h, need_w)
     return (grad_h if need_h else None, grad_w if need_w else None) + (None,) * 6
 
 
 linear_log_probs_op.register_autograd(
-    lambda ctx, g_logp, g_ent, g_lse, g_mean_z: _grads(ctx, g_logp, g_ent,
-                                                       linear_log_probs_backward),
+    lambda ctx, g_logp, g_ent, g_stats: _grads(ctx, g_logp, g_ent, linear_log_probs_backward),
     setup_context=_setup)
 
 
@@ -291,7 +313,7 @@ class _LinearLogProbs(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent, g_lse, g_mean_z):
+    def backward(ctx, g_logp, g_ent, g_stats):
         return _grads(ctx, g_logp, g_ent, _backward_impl)
 
 
@@ -309,7 +331,7 @@ def linear_log_probs(hidden, weight, targets, softcap=None, temperature=1.0,
                                          ignore_index, return_entropy, upcast=False)
         return tuple(o.float() for o in out) if return_entropy else out.float()
     apply = linear_log_probs_op if torch.compiler.is_compiling() else _LinearLogProbs.apply
-    logp, entropy, _, _ = apply(hidden, weight, targets,
+    logp, entropy, _ = apply(hidden, weight, targets,
                                 None if softcap is None else float(softcap), float(temperature),
                                 int(ignore_index), bool(return_entropy), backend)
     return (logp, entropy) if return_entropy else logp

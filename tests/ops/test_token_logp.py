@@ -171,6 +171,28 @@ def reference_grads(hidden, weight, targets, softcap, temperature, g_logp, g_ent
     return lp.detach(), ent.detach(), h.grad, w.grad
 
 
+def assert_matches_float64(hidden, weight, targets, softcap, temperature, tol, seed, **kw):
+    """linear_log_probs(**kw) on hidden's device: logp, entropy and the gradients of hidden and
+    weight (of random combinations of both) each within the three-way bound."""
+    dev = hidden.device
+    g = torch.Generator().manual_seed(seed)
+    g_logp, g_ent = (torch.randn(hidden.shape[0], generator=g).to(dev) for _ in range(2))
+
+    def run(fn, h, w, **kw):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        lp, ent = fn(h, w, targets, softcap, temperature, return_entropy=True, **kw)
+        ((lp * g_logp).sum() + (ent * g_ent).sum()).backward()
+        return lp, ent, h.grad, w.grad
+
+    ours = run(linear_log_probs, hidden, weight, **kw)
+    ref = reference_grads(hidden, weight, targets, softcap, temperature, g_logp, g_ent)
+    plain = run(linear_log_probs_reference, hidden, weight, upcast=False)
+    for name, out, r, p in zip(("logp", "entropy", "grad hidden", "grad weight"), ours, ref,
+                               plain):
+        assert_three_way(out.cpu(), r.cpu(), p.cpu(), name, tol=tol)
+    return ours
+
+
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the kernels must fully write starts as NaN (integers: their minimum)."""
@@ -192,10 +214,10 @@ def test_triton_launchers_cross_every_boundary(poisoned, dtype):
     g = torch.Generator().manual_seed(12)
     g_logp, g_ent = torch.randn(37, generator=g), torch.randn(37, generator=g)
     config = dict(block_t=16, block_v=32, block_d=16, programs=3)
-    logp, ent, lse, mean_z = kern.token_logp_forward(hidden, weight, tgt, 30.0, 0.8, True,
-                                                     config=config)
-    grad_h, grad_w = kern.token_logp_backward(hidden, weight, tgt, lse, mean_z, g_logp, g_ent,
-                                              30.0, 0.8, True, True, config=config)
+    logp, ent, stats = kern.token_logp_forward(hidden, weight, tgt, 30.0, 0.8, True,
+                                               config=config)
+    grad_h, grad_w = kern.token_logp_backward(hidden, weight, tgt, stats, g_logp, g_ent, 30.0,
+                                              0.8, True, True, config=config)
     ref = reference_grads(hidden, weight, targets, 30.0, 0.8, g_logp, g_ent)
     plain_h = hidden.clone().requires_grad_()
     plain_w = weight.clone().requires_grad_()
@@ -257,21 +279,10 @@ def test_triton_mixed_dtypes_and_strided_inputs(h_dtype, w_dtype):
     hidden, weight, targets = make_case(19, 45, 40, seed=16)
     hidden = hidden.to(h_dtype).T.contiguous().T  # column-major [T, d]
     weight = torch.cat([weight, weight], 1).to(w_dtype)[:, ::2]  # stride 2 along d
-    g = torch.Generator().manual_seed(17)
-    g_logp, g_ent = torch.randn(19, generator=g), torch.randn(19, generator=g)
-    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    lp, ent = linear_log_probs(h, w, targets, 30.0, 1.2, return_entropy=True, backend="triton")
-    ((lp * g_logp).sum() + (ent * g_ent).sum()).backward()
-    ref = reference_grads(hidden, weight, targets, 30.0, 1.2, g_logp, g_ent)
-    ph, pw = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    plp, pent = linear_log_probs_reference(ph, pw, targets, 30.0, 1.2, return_entropy=True,
-                                           upcast=False)
-    ((plp * g_logp).sum() + (pent * g_ent).sum()).backward()
     tol = TOLERANCE[torch.float32 if F32 in (h_dtype, w_dtype) else BF16]
-    for name, out, r, p in zip(("logp", "entropy", "grad hidden", "grad weight"),
-                               (lp, ent, h.grad, w.grad), ref, (plp, pent, ph.grad, pw.grad)):
-        assert_three_way(out, r, p, name, tol=tol)
-    assert h.grad.dtype == h_dtype and w.grad.dtype == w_dtype
+    _, _, grad_h, grad_w = assert_matches_float64(hidden, weight, targets, 30.0, 1.2, tol, 17,
+                                                  backend="triton")
+    assert grad_h.dtype == h_dtype and grad_w.dtype == w_dtype
 
 
 @pytest.mark.gpu
@@ -282,22 +293,28 @@ def test_gpu_triton_matches_float64(dtype, n_tokens):
     multiple of any block, short (split vocabulary) and long (token blocks) sequences."""
     hidden, weight, targets = make_case(n_tokens, 50021, 2304, dtype, seed=n_tokens, peaked=True)
     dev = torch.device("cuda")
-    g = torch.Generator().manual_seed(18)
-    g_logp, g_ent = torch.randn(n_tokens, generator=g), torch.randn(n_tokens, generator=g)
-    h = hidden.to(dev).requires_grad_()
-    w = weight.to(dev).requires_grad_()
-    lp, ent = linear_log_probs(h, w, targets.to(dev), 30.0, 0.9, return_entropy=True,
-                               backend="triton")
-    ((lp * g_logp.to(dev)).sum() + (ent * g_ent.to(dev)).sum()).backward()
-    ref = [r.cpu() for r in reference_grads(hidden.to(dev), weight.to(dev), targets.to(dev),
-                                            30.0, 0.9, g_logp.to(dev), g_ent.to(dev))]
-    ph, pw = hidden.to(dev).requires_grad_(), weight.to(dev).requires_grad_()
-    plp, pent = linear_log_probs_reference(ph, pw, targets.to(dev), 30.0, 0.9,
-                                           return_entropy=True, upcast=False)
-    ((plp * g_logp.to(dev)).sum() + (pent * g_ent.to(dev)).sum()).backward()
-    for name, out, r, p in zip(("logp", "entropy", "grad hidden", "grad weight"),
-                               (lp, ent, h.grad, w.grad), ref, (plp, pent, ph.grad, pw.grad)):
-        assert_three_way(out.cpu(), r, p.cpu(), name, tol=TOLERANCE[dtype])
+    assert_matches_float64(hidden.to(dev), weight.to(dev), targets.to(dev), 30.0, 0.9,
+                           TOLERANCE[dtype], 18, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_peaked_rows_over_many_vocabulary_splits(monkeypatch, backend, dtype):
+    """Regression for the GPU test above at T = 37: an H200's 132 SMs split a short sequence's
+    vocabulary hundreds of ways, and logp and entropy taken as differences of absolute lse and
+    E_p[z] (~30 under the softcap) lost all the digits of a peaked row's ~1e-6. Here the
+    interpreter gets the H200's SM count (Vocab = 1021: 32 tiles of 32, one per split), the
+    torch path vocabulary blocks of 32 rows."""
+    from r2ec_fast.kernels import _common
+
+    monkeypatch.setattr(_common, "_num_sms", lambda device: 132)  # read by _splits
+    monkeypatch.setattr(mod, "TOKEN_CHUNK", 16)
+    monkeypatch.setattr(mod, "BLOCK_ELEMS", 16 * 32)
+    hidden, weight, targets = make_case(37, 1021, 64, dtype, seed=37, peaked=True)
+    ours = assert_matches_float64(hidden, weight, targets, 30.0, 0.9, TOLERANCE[dtype], 18,
+                                  backend=backend)
+    assert (ours[1][targets != -100] < 1e-3).all()  # peaked rows indeed
+    assert ours[0][1] == 0 and ours[1][1] == 0 and (ours[2][1] == 0).all()  # ignored target
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
