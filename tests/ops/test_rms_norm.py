@@ -125,4 +125,5 @@ def test_gpu_compiled_kernel(dtype, gemma):
         plain = rms_norm(x, w, 1e-6, gemma, backend="torch")
         assert_three_way(out, rms_norm_reference(x, w, 1e-6, gemma), plain, "rms_norm",
                          tol=TOLERANCE[dtype] / 10)
-        assert (out != plain).float().mean() < 0.01
+        if dtype == BF16:  # fp32: last-bit differences in 31 % of the entries (H200), as the
+            assert (out != plain).float().mean() < 0.01  # sum order and sqrt differ
