@@ -380,8 +380,11 @@ def paged_prefill(query, k_cache, v_cache, block_table, cu_seqlens, cache_seqlen
     return out
 
 
+PREFIX_PROGRAMS_PER_SM = 4  # the prefix kernel's grid depth (see paged_decode)
+
+
 def decode_splits(batch: int, n_kv_heads: int, max_context: int, block_n: int,
-                  device: torch.device) -> int:
+                  device: torch.device, programs_per_sm: int = 2) -> int:
     """Context splits per (sequence, KV head): enough programs for two per SM, no more splits
     than the longest possible context (block_table width x block_size) has key tiles of 4 x
     BLOCK_N, at most 64. Each sequence divides its own context among the splits, so short
@@ -390,7 +393,7 @@ def decode_splits(batch: int, n_kv_heads: int, max_context: int, block_n: int,
     tiles = max(1, math.ceil(max_context / block_n))
     if _interpreting():
         return min(3, tiles)
-    want = math.ceil(2 * _num_sms(device) / max(1, batch * n_kv_heads))
+    want = math.ceil(programs_per_sm * _num_sms(device) / max(1, batch * n_kv_heads))
     return max(1, min(want, math.ceil(tiles / 4), 64))
 
 
@@ -421,8 +424,11 @@ def paged_decode(query, k_cache, v_cache, block_table, cache_seqlens, scale, sof
     prefix_splits = 0
     if prefix is not None:
         members = prefix[0]
+        # sized for the prefixes there usually are (rows / G; members has room for rows / 2)
+        # and 4 programs per SM: each prefix tile is read by one program only
         prefix_splits = config.pop("prefix_splits", None) or decode_splits(
-            max(1, members.shape[0]), n_kv_heads, max_context, block_n, query.device)
+            max(1, batch // max(1, members.shape[1])), n_kv_heads, max_context, block_n,
+            query.device, programs_per_sm=PREFIX_PROGRAMS_PER_SM)
     launch.update(config)
     dev = query.device
     out = _empty((batch, n_q_heads, head_dim), query.dtype, dev)
