@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/gpu_suite.sh [OUTDIR]     # default: benchmarks/results/gpu-<date>
 #
+# On a copy of the tree, set R2EC_GIT_COMMIT=<commit> so that the reports name the right one.
+#
 # Stages run in order, each under `timeout`; a failed stage is reported and the next one still
 # runs (a failing test must not hide the benchmark numbers). Exit status 1 if any stage failed.
 # Stage limits: install 15 s, import 15 s, pytest 170 s, catalog bench 60 s, token_logp bench
@@ -42,7 +44,7 @@ stage() {
 
 {
     date -u +%Y-%m-%dT%H:%M:%SZ
-    git rev-parse --verify -q HEAD 2>/dev/null || echo "${R2EC_GIT_COMMIT:-no git checkout}"
+    echo "${R2EC_GIT_COMMIT:-$(git rev-parse --verify -q HEAD 2>/dev/null || echo no git checkout)}"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
     python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
 } >"$OUT/environment.txt" 2>&1

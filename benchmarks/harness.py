@@ -132,8 +132,10 @@ def environment() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    # a copy without .git (the GPU machine's) is told its commit through R2EC_GIT_COMMIT
-    commit = _git("rev-parse", "HEAD") or os.environ.get("R2EC_GIT_COMMIT")
+    # a copy of the tree (the GPU machine's) is told its commit through R2EC_GIT_COMMIT: its
+    # .git, where there is one, can be older than the files (seen: two runs stamped with the
+    # commit of an earlier run)
+    commit = os.environ.get("R2EC_GIT_COMMIT") or _git("rev-parse", "HEAD")
     return {
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "triton": triton_version, "cuda": torch.version.cuda},
