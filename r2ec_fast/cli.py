@@ -71,7 +71,8 @@ def add_bench(subparsers) -> None:
     p.add_argument("--out-dir", type=Path, default=None, metavar="DIR",
                    help="folder for the default-named reports (default: benchmarks/results)")
     p.add_argument("--repeats", type=int, default=None, metavar="N",
-                   help="at most N timed runs per implementation (at least 3 are always run)")
+                   help="at most N timed runs per implementation after its warmup run, at "
+                        "least min(N, 3) (default: the mode's)")
     p.add_argument("--impl", action="append", metavar="SUBSTR",
                    help="only implementations whose name contains SUBSTR (repeatable); their "
                         "plain baselines are kept so that speedups stay defined")
