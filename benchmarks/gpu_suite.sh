@@ -11,7 +11,8 @@
 # Stage limits: install 15 s, import 15 s, pytest 170 s, catalog bench 60 s, token_logp bench
 # (quick shapes + the Gemma-2-2B T = 8192 acceptance case) 60 s, rollout bench (quick: the
 # Gemma-2-2B shape, B 16 x G 4, 1,024-token prompts, 128 new tokens) 90 s; with 10 s of kill
-# grace each, at most 470 s. Measured on an H200 (2026-11-26, commit e1a8b77): install 4 s,
+# grace each, at most 470 s, plus whatever the CUDA sampler's build (limit 240 s, measured 46-53 s)
+# has left when pytest ends. Measured on an H200 (2026-11-26, commit e1a8b77): install 4 s,
 # import 6 s, pytest over 130 s (it timed out; the CUDA sampler's first build, about a minute,
 # runs beside it and the rollout tests wait for it), catalog bench 45 s, token_logp bench
 # 26 s, rollout bench 50 s. pytest prints each test's name and its 15 slowest, and a test

@@ -403,11 +403,13 @@ def paged_decode(query, k_cache, v_cache, block_table, cache_seqlens, scale, sof
     attends to its whole (windowed) context in the paged cache.
 
     prefix: None, or cascade decoding's (members [P, G] int32, prefix_lens [B] int32): the
-    rows members[p, :] (-1 pads) hold their first prefix_lens[b] keys (the same for all of
-    them, 0 for rows of no prefix) in the same pages, e.g. a group's shared prompt blocks.
+    rows members[p, :] (-1 pads at the end) hold their first prefix_lens[b] keys (the same
+    for all of them, 0 for rows of no prefix) in the same pages, e.g. a group's shared prompt
+    blocks.
     Those keys are read once per prefix by `_paged_decode_prefix_kernel` instead of once per
     row (the idea of FlashInfer's cascade inference, Ye et al. 2024); the rest of each context
-    by the decode kernel; the merge kernel joins the two sets of partials. Same result."""
+    by the decode kernel; the merge kernel joins the two sets of partials: the same attention
+    but for the order of the fp32 sums."""
     batch, n_q_heads, head_dim = query.shape
     n_kv_heads = k_cache.shape[2]
     group = n_q_heads // n_kv_heads

@@ -10,7 +10,6 @@ from r2ec_fast.ops.catalog import (
     score_catalog_reference,
 )
 from r2ec_fast.ops.item_table import ItemTable
-from r2ec_fast.ops.rms_norm import fused_rms_norms, rms_norm, rms_norm_reference
 from r2ec_fast.ops.token_logp import (
     TokenLoss,
     linear_log_probs,
@@ -22,5 +21,5 @@ __all__ = [
     "BACKENDS", "CatalogScores", "ItemTable", "catalog_log_prob", "catalog_log_prob_reference",
     "in_batch_log_prob", "reference_trainer_rewards", "resolve_backend", "score_catalog",
     "score_catalog_reference", "TokenLoss", "linear_log_probs", "linear_log_probs_reference",
-    "recpo_token_loss", "fused_rms_norms", "rms_norm", "rms_norm_reference",
+    "recpo_token_loss",
 ]

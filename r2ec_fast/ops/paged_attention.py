@@ -560,7 +560,8 @@ def decode_attention(query, key, value, k_cache, v_cache, block_table, cache_seq
     sequence's paged cache. Returns [B, H_q, D] in query's dtype.
 
     prefix_members [P, G] / prefix_lens [B] (int32, both or neither): shared prefixes, a hint
-    that changes no result. Rows members[p, :] (-1 pads) hold their first prefix_lens[b] keys
+    that changes nothing but the order of fp32 sums. Rows members[p, :] (-1 pads at the end) hold their first
+    prefix_lens[b] keys
     (a multiple of the block size, the same for all of them, 0 for rows of no prefix) in the
     same pages; the triton backend then reads those pages once per prefix (cascade decoding,
     `kernels.paged_attention.paged_decode`), the others ignore the hint."""
@@ -590,8 +591,16 @@ def _check_prefix(members, lens, block_table, cache_seqlens, block_size) -> None
                                                              and _is_int(lens)):
         raise ValueError(f"prefix_members must be [P, G] and prefix_lens [{batch}] int32, got "
                          f"{_shape(members)} and {_shape(lens)}")
+    if not (members.is_contiguous() and lens.is_contiguous()):
+        raise ValueError("prefix_members and prefix_lens must be contiguous")
+    if members.device != cache_seqlens.device or lens.device != cache_seqlens.device:
+        raise ValueError(f"prefix_members / prefix_lens on {members.device} / {lens.device}, "
+                         f"the cache lengths on {cache_seqlens.device}")
     if not _host_checks(members.device):
         return
+    if any(row != sorted(row, key=lambda b: b < 0) for row in members.tolist()):
+        raise ValueError("prefix_members: a row's -1 pads must come after its members (the "
+                         "kernel reads the prefix's pages and length from its first entry)")
     pages, listed = block_table.tolist(), [b for row in members.tolist() for b in row if b >= 0]
     if sorted(listed) != [b for b, n in enumerate(lens.tolist()) if n > 0]:
         raise ValueError("every row with prefix_lens > 0 must be in exactly one prefix of "

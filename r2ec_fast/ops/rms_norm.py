@@ -46,8 +46,9 @@ def _rms_norm(x, weight, eps, gemma, backend):
         from r2ec_fast.kernels import rms_norm as kern
 
         return kern.rms_norm_forward(x, weight, eps, gemma)
-    if backend == "reference":
-        return rms_norm_reference(x, weight, eps, gemma)
+    if backend == "reference":  # float64 arithmetic, the torch path's output dtype
+        dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
+        return rms_norm_reference(x, weight, eps, gemma).to(dtype)
     return _torch_rms_norm(x, weight, eps, gemma)
 
 

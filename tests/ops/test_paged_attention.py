@@ -427,7 +427,8 @@ def test_cascade_hint_is_checked():
             "share"),  # row 4 holds other pages
            (members, torch.tensor([32, 32, 32, 16, 8], dtype=torch.int32), "exactly one"),
            (members, torch.tensor([30, 30, 30, 16, 0], dtype=torch.int32), "multiple"),
-           (members, lens[:3], "int32")]
+           (members, lens[:3], "int32"),
+           (torch.tensor([[-1, 0, 1, 2], [3, -1, -1, -1]]), lens, "pads must come after")]
     for m, n, match in bad:
         with pytest.raises(ValueError, match=match):
             decode_attention(**c, scale=0.3, prefix_members=m, prefix_lens=n.to(torch.int32))
