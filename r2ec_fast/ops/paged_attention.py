@@ -560,11 +560,11 @@ def decode_attention(query, key, value, k_cache, v_cache, block_table, cache_seq
     sequence's paged cache. Returns [B, H_q, D] in query's dtype.
 
     prefix_members [P, G] / prefix_lens [B] (int32, both or neither): shared prefixes, a hint
-    that changes nothing but the order of fp32 sums. Rows members[p, :] (-1 pads at the end) hold their first
-    prefix_lens[b] keys
-    (a multiple of the block size, the same for all of them, 0 for rows of no prefix) in the
-    same pages; the triton backend then reads those pages once per prefix (cascade decoding,
-    `kernels.paged_attention.paged_decode`), the others ignore the hint."""
+    that changes nothing but the order of fp32 sums. Rows members[p, :] (-1 pads at the end)
+    hold their first prefix_lens[b] keys (a multiple of the block size, the same for all of
+    them, 0 for rows of no prefix) in the same pages; the triton backend then reads those
+    pages once per prefix (cascade decoding, `kernels.paged_attention.paged_decode`), the
+    others ignore the hint."""
     _check_cache(k_cache, v_cache)
     batch = _check_attention(query, k_cache, block_table, cache_seqlens, scale, softcap,
                              sliding_window)
