@@ -83,6 +83,12 @@ class RolloutConfig:
     engine: str = "paged"  # paged (r2ec_fast.rollout.RolloutEngine) | hf (transformers generate)
     block_size: int = 16  # paged engine: tokens per KV block
     kv_budget: str = ""  # paged engine: KV cache limit, "8GiB" or "4096 blocks" ("": half the free memory)
+    # paged engine on CUDA (ignored on CPU): decode steps replayed from CUDA graphs, RMSNorms as
+    # one fused kernel, a group's prompt pages read once per decode step (cascade); false turns
+    # one off, e.g. to compare against the eager path
+    decode_graphs: bool = True
+    fuse_norms: bool = True
+    cascade: bool = True
 
     def validate(self, p: str = "rollout") -> None:
         _require(self.engine in ("paged", "hf"), f"{p}.engine", "must be 'paged' or 'hf'",

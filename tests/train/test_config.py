@@ -18,8 +18,9 @@ def test_presets_are_valid_and_round_trip(name, tmp_path):
 def test_overrides_are_typed():
     config = apply_overrides(get_preset("tiny"), [
         "optim.lr=2e-4", "rollout.group_size=2", "model.gradient_checkpointing=true",
-        "algo=contrastive", "recpo.item_loss=full_catalog"])
+        "algo=contrastive", "recpo.item_loss=full_catalog", "rollout.cascade=false"])
     assert config.optim.lr == 2e-4 and config.rollout.group_size == 2
+    assert config.rollout.cascade is False and config.rollout.decode_graphs is True
     assert config.model.gradient_checkpointing is True and config.algo == "contrastive"
 
 
