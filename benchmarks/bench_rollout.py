@@ -83,7 +83,9 @@ def _make_inputs(spec, seed: int, device, sink: dict):
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.randint(10, model.lm_head_weight.shape[0], (b, p), generator=gen)
     return {"model": model, "prompts": prompts.to(model.device), "G": g, "N": n, "seed": seed,
-            "engine": RolloutEngine(model, block_size=BLOCK_SIZE), "sink": sink}
+            "engine": RolloutEngine(model, block_size=BLOCK_SIZE),
+            "engine_compiled": RolloutEngine(model, block_size=BLOCK_SIZE, compile_decode=True),
+            "sink": sink}
 
 
 def _hf_generate(x):
@@ -120,10 +122,11 @@ def _hf_generate_per_prompt(x):
     return {"tokens": torch.cat(outs)}
 
 
-def _engine(x):
+def _engine(x, which="engine"):
     params = SamplingParams(n=x["G"], temperature=1.0, max_new_tokens=x["N"], seed=x["seed"])
-    outs = x["engine"].generate(x["prompts"].tolist(), params)
-    x["sink"].update(vars(x["engine"].stats))  # read by the checks
+    outs = x[which].generate(x["prompts"].tolist(), params)
+    if which == "engine":
+        x["sink"].update(vars(x["engine"].stats))  # read by the checks
     return {"outs": outs}
 
 
@@ -158,7 +161,7 @@ def _checks(spec, device: str, stats: dict):
 
     def checks(results: dict[str, dict]) -> list[dict]:
         t = {k: results[k]["time_ms"]["median"]
-             for k in ("engine", "hf_generate", "hf_generate_per_prompt")
+             for k in ("engine", "engine_compiled", "hf_generate", "hf_generate_per_prompt")
              if "time_ms" in results.get(k, {})}
         rate = {k: b * g * n / (v * 1e-3) for k, v in t.items()}
         speedup = (rate["engine"] / rate["hf_generate"]
@@ -169,6 +172,13 @@ def _checks(spec, device: str, stats: dict):
                 "engine vs HF generate tokens/s (no target on this case)",
                 "passed": None if speedup is None or not acceptance else speedup >= target,
                 "value": value}]
+        if "engine_compiled" in rate and "hf_generate" in rate:
+            ratio = rate["engine_compiled"] / rate["hf_generate"]
+            out.append({"name": f"engine_compiled tokens/s >= {target}x HF generate's"
+                        if acceptance else "engine_compiled vs HF generate tokens/s",
+                        "passed": ratio >= target if acceptance else None,
+                        "value": f"{rate['engine_compiled']:.0f} vs {rate['hf_generate']:.0f} "
+                                 f"tokens/s = {ratio:.2f}x"})
         if "engine" in rate and "hf_generate_per_prompt" in rate:
             out.append({"name": "engine vs HF generate per prompt (HFRollout) tokens/s",
                         "passed": None, "value": f"{rate['engine']:.0f} vs "
@@ -208,6 +218,9 @@ def _case(spec, seed: int, device: str) -> Case:
                  about="transformers generate, num_return_sequences=G, DynamicCache"),
             Impl("engine", _engine, 0.0, baseline="hf_generate",
                  about=f"RolloutEngine, block_size={BLOCK_SIZE}, prompt shared per group"),
+            Impl("engine_compiled", functools.partial(_engine, which="engine_compiled"), 0.0,
+                 baseline="hf_generate", about="the same with compile_decode=True (the warmup "
+                 "run compiles)"),
         ])
     if device == "cpu":  # on the GPU shape it would take minutes (16 calls of 640 steps)
         case.impls.insert(1, Impl(

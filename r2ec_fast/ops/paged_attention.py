@@ -33,7 +33,9 @@ Implementations (DESIGN §3):
 Input checks look at shapes, dtypes and devices only, so that a CUDA call never waits for the
 device (the triton and flash_attn paths have no host sync at all); on CPU, where reading values
 is free, the lengths and slots are checked too. Under torch.compile each call is one custom op
-(`r2ec_fast::append_kv`, `::paged_prefill`, `::paged_decode`) that mutates the caches.
+(`r2ec_fast::append_kv`, `::paged_prefill`, `::paged_decode`) that mutates the caches, except
+the torch backend's decode: its cache write is the append op, its attention a host-read-free
+variant over the whole block-table width that inductor traces and fuses.
 """
 from __future__ import annotations
 
@@ -345,6 +347,34 @@ def _torch_decode(query, k_cache, v_cache, block_table, cache_seqlens, scale, so
     return out[:, 0].to(query.dtype)
 
 
+def _torch_decode_static(query, k_cache, v_cache, block_table, cache_seqlens, scale, softcap,
+                         window):
+    """The torch decode without host reads, for torch.compile (inductor fuses it): every row
+    gathers all the pages of its block-table row (width x block_size keys, the padded decode
+    batches' fixed width) and masks by length; masked values are zeroed (stale or NaN slots).
+    fp32 [B, H_q, D]."""
+    n, width = block_table.shape
+    _, block_size, n_kv_heads, head_dim = k_cache.shape
+    group = query.shape[1] // n_kv_heads
+    pages = block_table.long().clamp_min(0)  # -1 pads: page 0, masked below
+    keys = width * block_size
+    k = k_cache[pages].view(n, keys, n_kv_heads, head_dim).float()
+    v = v_cache[pages].view(n, keys, n_kv_heads, head_dim).float()
+    pos = torch.arange(keys, device=query.device)
+    hi = cache_seqlens.long()[:, None]
+    visible = pos < hi  # [n, L]
+    if window is not None:
+        visible = visible & (pos >= hi - window)
+    q = query.float().view(n, n_kv_heads, group, head_dim)
+    s = torch.einsum("nhgd,nlhd->nhgl", q, k) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~visible[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, -1)
+    v = v.masked_fill(~visible[:, :, None, None], 0.0)
+    return torch.einsum("nhgl,nlhd->nhgd", p, v).reshape(n, n_kv_heads * group, head_dim)
+
+
 def _prefill_chunks(cu, lens, n_q_heads, window):
     """(sequence, first packed row, rows, first position, first key, last key + 1) per query
     chunk; a chunk's scores [H_q, rows, keys] stay under SCORE_ELEMS."""
@@ -575,6 +605,12 @@ def decode_attention(query, key, value, k_cache, v_cache, block_table, cache_seq
     _check_new_kv(key, value, slot_mapping, batch, k_cache)
     _check_prefix(prefix_members, prefix_lens, block_table, cache_seqlens, k_cache.shape[1])
     backend = _resolve(backend, query, k_cache)
+    if torch.compiler.is_compiling() and backend == "torch":
+        # traced inline so that inductor fuses it; the cache write stays one custom op
+        if key is not None:
+            _append_op(key, value, k_cache, v_cache, slot_mapping, backend)
+        return _torch_decode_static(query, k_cache, v_cache, block_table, cache_seqlens,
+                                    *_numbers(scale, softcap, sliding_window)).to(query.dtype)
     decode = _decode_op if torch.compiler.is_compiling() else _decode
     return decode(query, key, value, k_cache, v_cache, block_table, cache_seqlens,
                   slot_mapping, *_numbers(scale, softcap, sliding_window), backend,

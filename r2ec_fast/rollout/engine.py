@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .block_manager import BlockManager
+from .graph_runner import compiled_step
 from .model_runner import ModelRunner, text_config
 from .sampler import Sampler
 from .scheduler import Scheduler
@@ -84,7 +85,8 @@ class RolloutEngine:
                  max_num_seqs: int = 256, max_prefill_tokens: int = 8192,
                  attn_backend: str | None = None, sample_backend: str | None = None,
                  decode_graphs: bool | None = None, fuse_norms: bool | None = None,
-                 cascade: bool | None = None, progress: bool = False):
+                 cascade: bool | None = None, compile_decode: bool = False,
+                 progress: bool = False):
         """model: a `DualHeadModel`. kv_budget: the most the KV cache may take, in bytes (an
         int, or "2GiB") or in blocks ("512 blocks"); default: on CUDA half of the free device memory at each call, on CPU 2 GiB.
         The cache never takes more than the call can use. attn_backend / sample_backend: force
@@ -96,11 +98,20 @@ class RolloutEngine:
         is Triton; on CPU True routes them through the op's torch path, HF's own arithmetic).
         cascade: give decode steps the shared-prefix hint, so that a group's prompt pages are
         read once per group rather than once per sample (default: on CUDA, where the triton
-        attention uses it; the torch attention ignores it and on CPU checks it)."""
+        attention uses it; the torch attention ignores it and on CPU checks it).
+        compile_decode: decode steps through `torch.compile` (inductor fuses the HF layers'
+        elementwise ops; on CUDA inside the graphs), padded to the graph sizes on CPU too. The
+        first step of each new shape compiles (tens of seconds); the compiled step is kept by
+        the engine for later calls. Incompatible with fuse_norms=True."""
         for name, value in (("decode_graphs", decode_graphs), ("fuse_norms", fuse_norms),
                             ("cascade", cascade)):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{name} must be True, False or None, got {value!r}")
+        if not isinstance(compile_decode, bool):
+            raise ValueError(f"compile_decode must be True or False, got {compile_decode!r}")
+        if compile_decode and fuse_norms:
+            raise ValueError("compile_decode fuses the norms itself: leave fuse_norms unset "
+                             "(the patched norm forwards would recompile every call)")
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_prefill_tokens", max_prefill_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -113,6 +124,8 @@ class RolloutEngine:
         self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
         self.attn_backend, self.sample_backend = attn_backend, sample_backend
         self.decode_graphs, self.fuse_norms, self.cascade = decode_graphs, fuse_norms, cascade
+        self.compile_decode = compile_decode
+        self._step = None  # the compiled decode step, made at the first call that needs it
         self.progress = progress
         self.stats = EngineStats()
 
@@ -189,11 +202,15 @@ class RolloutEngine:
         graphs = cuda if self.decode_graphs is None else self.decode_graphs
         width = max(math.ceil((len(p) + params.max_new_tokens) / self.block_size)
                     for p in prompts)
+        if self.compile_decode and self._step is None:
+            self._step = compiled_step()
+        fuse = (cuda and not self.compile_decode) if self.fuse_norms is None else self.fuse_norms
         runner = ModelRunner(self.model, self.block_size, num_blocks, self.attn_backend,
-                             graph_width=width if graphs else None, capture=graphs and cuda,
-                             fuse_norms=cuda if self.fuse_norms is None else self.fuse_norms,
+                             graph_width=width if graphs or self.compile_decode else None,
+                             capture=graphs and cuda, fuse_norms=fuse,
                              group_size=params.n if (cuda if self.cascade is None
-                                                     else self.cascade) else 0)
+                                                     else self.cascade) else 0,
+                             step=self._step if self.compile_decode else None)
         sampler = Sampler(params, self.sample_backend)
         groups = self._groups(prompts, seeds, params)
         for g in groups:
@@ -208,6 +225,8 @@ class RolloutEngine:
         finally:
             if runner.graphs is not None:
                 self.stats.graph_captures = runner.graphs.captures
+                if runner.graphs.compile_failed:  # warned once: no more tries
+                    self.compile_decode, self._step = False, None
             runner.release()
             self.model.train(was_training)
         self.stats.peak_blocks = blocks.peak_used

@@ -32,6 +32,31 @@ SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 META = 5  # meta columns before the block table: token, position, length, slot, prefix length
 
 
+def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """[R, Vocab] fp32 logits of the lm_head, Gemma-2's final softcap applied (as HF does: the
+    product in the model's dtype, the cap in fp32)."""
+    logits = torch.nn.functional.linear(hidden, model.lm_head_weight).float()
+    cap = model.softcap
+    if cap is not None:  # in place: a [R, Vocab] buffer per op was 0.4 ms of a CPU step
+        logits = logits.div_(cap).tanh_().mul_(cap)
+    return logits
+
+
+def decode_step(model, cache, meta: torch.Tensor, members: torch.Tensor | None) -> torch.Tensor:
+    """One padded decode step from the static buffers: [size, Vocab] fp32 logits. A plain
+    function of tensors and the model, so that `torch.compile` can take it whole (the paged
+    ops are custom ops; no graph break on tiny Gemma-2 and Qwen-2)."""
+    cache.block_table = meta[:, META:].to(torch.int32)
+    cache.cache_seqlens = meta[:, 2].to(torch.int32)
+    cache.slot_mapping = meta[:, 3].contiguous()
+    cache.cu_seqlens_q = None
+    cache.prefix_members = members
+    cache.prefix_lens = None if members is None else meta[:, 4].to(torch.int32)
+    out = model.decoder()(input_ids=meta[:, 0][None], position_ids=meta[:, 1][None],
+                          use_cache=False, paged_kv=cache)
+    return final_logits(model, out.last_hidden_state[0])
+
+
 def padded_size(n: int) -> int:
     """The graph size a batch of n rows runs at: the smallest of SIZES >= n, past them the next
     multiple of 64."""
@@ -51,18 +76,21 @@ class _Graph:
         self.members = (torch.full((max(1, size // 2), group_size), -1, dtype=torch.int32,
                                    device=device) if group_size > 1 else None)
         self.graph = None
-        self.hidden: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
 
 
 class DecodeGraphs:
-    def __init__(self, runner, width: int, capture: bool):
+    def __init__(self, runner, width: int, capture: bool, step=None):
+        """step: `decode_step` or a compiled version of it (`compiled_step`)."""
         self.runner, self.width, self.capture = runner, width, capture
+        self.step = step or decode_step
         self.graphs: dict[int, _Graph] = {}
+        self.compile_failed = False
         self.pool = None
         self.captures = 0  # graphs captured this call (EngineStats)
 
     def run(self, batch: Batch) -> torch.Tensor:
-        """[n, d] final hidden states of a decode batch's n rows."""
+        """[n, Vocab] fp32 logits of a decode batch's n rows."""
         n = len(batch.rows)
         size = padded_size(n)
         g = self.graphs.get(size)
@@ -75,8 +103,8 @@ class DecodeGraphs:
         elif self.capture:
             self._capture(g)  # runs this step too (replayed, or eagerly if capture fails)
         else:
-            g.hidden = self._forward(g)
-        return g.hidden[:n]
+            g.logits = self._forward(g)
+        return g.logits[:n]
 
     def _fill(self, g: _Graph, batch: Batch) -> None:
         width, runner = self.width, self.runner
@@ -97,30 +125,33 @@ class DecodeGraphs:
         g.meta.copy_(torch.tensor(rows, dtype=torch.int64))
 
     def _forward(self, g: _Graph) -> torch.Tensor:
-        m, c = g.meta, self.runner.cache
-        c.block_table = m[:, META:].to(torch.int32)
-        c.cache_seqlens = m[:, 2].to(torch.int32)
-        c.slot_mapping = m[:, 3].contiguous()
-        c.cu_seqlens_q = None
-        c.prefix_members = g.members
-        c.prefix_lens = None if g.members is None else m[:, 4].to(torch.int32)
-        out = self.runner.model.decoder()(input_ids=m[:, 0][None], position_ids=m[:, 1][None],
-                                           use_cache=False, paged_kv=c)
-        return out.last_hidden_state[0]
+        model, cache = self.runner.model, self.runner.cache
+        if self.step is decode_step:
+            return decode_step(model, cache, g.meta, g.members)
+        try:
+            return self.step(model, cache, g.meta, g.members)
+        except Exception as exc:  # noqa: BLE001 - a compiler that fails: decode uncompiled
+            # (compilation fails before anything runs, so the step is redone from scratch)
+            warnings.warn(f"rollout: the compiled decode step failed ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); decoding "
+                          "uncompiled", RuntimeWarning, stacklevel=3)
+            self.step = decode_step
+            self.compile_failed = True
+            return decode_step(model, cache, g.meta, g.members)
 
     def _capture(self, g: _Graph) -> None:
         """Warm up on a side stream (the real step: it writes this step's K/V, which the replay
-        writes again identically), capture, replay. A capture that fails (an op of the model
+        writes again identically; a compiled step compiles here), capture, replay. A capture that fails (an op of the model
         that reads the device from the host, say) leaves this call on the eager path."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            g.hidden = self._forward(g)
+            g.logits = self._forward(g)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
-                hidden = self._forward(g)
+                logits = self._forward(g)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: stay eager
             warnings.warn(f"rollout: CUDA graph capture failed ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}); decoding eagerly",
@@ -129,6 +160,13 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             return
         self.pool = graph.pool()
-        g.graph, g.hidden = graph, hidden
+        g.graph, g.logits = graph, logits
         self.captures += 1
         graph.replay()
+
+
+def compiled_step():
+    """`decode_step` under `torch.compile` (inductor): the HF layers' elementwise ops fused. Its
+    guards recompile it for a new batch size or cache size until those become dynamic
+    (torch's automatic dynamic shapes); a compiler that fails falls back to `decode_step`."""
+    return torch.compile(decode_step)

@@ -24,7 +24,7 @@ import torch
 from r2ec_fast.ops.paged_attention import decode_attention, prefill_attention
 from r2ec_fast.ops.rms_norm import fused_rms_norms
 
-from .graph_runner import DecodeGraphs
+from .graph_runner import DecodeGraphs, final_logits
 from .scheduler import Batch, shared_prefixes
 
 ATTN_NAME = "r2ec_paged"
@@ -92,11 +92,12 @@ def text_config(model):
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int, backend: str | None = None,
                  graph_width: int | None = None, capture: bool = False,
-                 fuse_norms: bool = False, group_size: int = 0):
+                 fuse_norms: bool = False, group_size: int = 0, step=None):
         """graph_width: decode through `DecodeGraphs` with block tables this wide (None: every
         step eagerly); capture: capture its CUDA graphs (else it runs the padded path
         eagerly); fuse_norms: run the model's RMSNorms as one kernel each; group_size: the
-        samples per prompt, > 1 to give decode steps the cascade hint (`shared_prefixes`)."""
+        samples per prompt, > 1 to give decode steps the cascade hint (`shared_prefixes`);
+        step: the decode step `DecodeGraphs` runs (a compiled one, say)."""
         _register()
         self.model = model
         cfg = text_config(model)
@@ -106,7 +107,8 @@ class ModelRunner:
         self.block_size, self.num_blocks, self.backend = block_size, num_blocks, backend
         self.fuse_norms, self.group_size = fuse_norms, group_size
         self.cache: PagedKVCache | None = None
-        self.graphs = None if graph_width is None else DecodeGraphs(self, graph_width, capture)
+        self.graphs = (None if graph_width is None
+                       else DecodeGraphs(self, graph_width, capture, step))
 
     @staticmethod
     def bytes_per_block(model, block_size: int) -> int:
@@ -175,25 +177,18 @@ class ModelRunner:
         return ids, pos
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[R, Vocab] fp32 logits of the lm_head, Gemma-2's final softcap applied (as HF does:
-        the product in the model's dtype, the cap in fp32)."""
-        logits = torch.nn.functional.linear(hidden, self.model.lm_head_weight).float()
-        cap = self.model.softcap
-        if cap is not None:  # in place: a [R, Vocab] buffer per op was 0.4 ms of a CPU step
-            logits = logits.div_(cap).tanh_().mul_(cap)
-        return logits
+        return final_logits(self.model, hidden)
 
     def run(self, batch: Batch) -> torch.Tensor:
         """Run a batch's forward; [R, Vocab] logits at the last token of every row that draws
         (in row order)."""
         self.cache.copy_blocks(batch.copies)
         if not batch.prefill and self.graphs is not None:
-            hidden = self.graphs.run(batch)  # [rows, d]: one token per row
-        else:
-            ids, pos = self._metadata(batch)
-            out = self.model.decoder()(input_ids=ids, position_ids=pos, use_cache=False,
-                                       paged_kv=self.cache)
-            hidden = out.last_hidden_state[0]  # [T, d]
+            return self.graphs.run(batch)  # one token per row, every row draws
+        ids, pos = self._metadata(batch)
+        out = self.model.decoder()(input_ids=ids, position_ids=pos, use_cache=False,
+                                   paged_kv=self.cache)
+        hidden = out.last_hidden_state[0]  # [T, d]
         ends, end = [], 0
         for r in batch.rows:
             end += len(r.tokens)

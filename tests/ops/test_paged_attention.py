@@ -386,6 +386,21 @@ def test_flash_attn_glue_against_its_documented_semantics(monkeypatch):
     assert rel_error(out, ref[last]) < 1e-10
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("softcap,window", [(None, None), (10.0, 20)], ids=["plain", "window"])
+def test_torch_static_decode_matches_float64(dtype, softcap, window):
+    """The host-read-free torch decode that torch.compile traces: whole block-table rows
+    (pages past a row's length, -1 pads and NaN slots masked), against float64."""
+    case = make_case([1] * 4, [45, 3, 30, 17], 4, 2, 16, 4, dtype, seed=21)
+    c = dict(as_decode(case), key=None, value=None, slot_mapping=None)
+    opts = dict(scale=0.3, softcap=softcap, sliding_window=window)
+    ref = decode_attention_reference(**_cast(c, torch.float64), **opts)
+    plain = decode_attention(**c, **opts, backend="torch")
+    out = mod._torch_decode_static(c["query"], c["k_cache"], c["v_cache"], c["block_table"],
+                                   c["cache_seqlens"], 0.3, softcap, window).to(dtype)
+    assert_three_way(out, ref, plain, "static torch decode", tol=TOLERANCE[dtype])
+
+
 def cascade_case(dtype=F32, seed=20, h_q=4, h_kv=2, d=16, block_size=4):
     """Five decode rows whose first 8 pages are row 0's: prefix 0 = rows 0, 1, 2 over 32 keys,
     prefix 1 = row 3 alone over 16 keys, row 4 in no prefix (prefix_lens 0)."""

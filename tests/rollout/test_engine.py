@@ -346,3 +346,47 @@ def test_cascade_through_the_triton_kernels(models, monkeypatch):
         want = hf_greedy(model, prompt, 6)
         assert [s.token_ids for s in out.samples] == [want, want]
     assert len(hinted) == 5 * 2 and all(hinted)  # 5 decode steps x 2 layers, all cascaded
+
+
+def test_compiled_decode_equals_eager(models):
+    """compile_decode: the padded decode step through torch.compile (inductor, CPU here) gives
+    HF's greedy tokens and the eager path's sampled tokens and log-probs; the engine keeps the
+    compiled step for its next call."""
+    model = models["gemma2"]
+    prompts = make_prompts(model, [45, 21], seed=12)
+    engine = RolloutEngine(model, block_size=8, compile_decode=True)
+    outs = engine.generate(prompts, SamplingParams(n=2, temperature=0, max_new_tokens=6))
+    for prompt, out in zip(prompts, outs):
+        want = hf_greedy(model, prompt, 6)
+        assert [s.token_ids for s in out.samples] == [want, want]
+    step = engine._step
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=2)
+    got = engine.generate(prompts, params)
+    assert engine._step is step and engine.compile_decode
+    want = RolloutEngine(model, block_size=8).generate(prompts, params)
+    for o, w in zip(got, want):
+        assert [s.token_ids for s in o.samples] == [s.token_ids for s in w.samples]
+        for s, t in zip(o.samples, w.samples):
+            torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(t.logprobs),
+                                       rtol=0, atol=1e-5)
+
+
+def test_a_failing_compiler_falls_back(models, monkeypatch):
+    from r2ec_fast.rollout import engine as engine_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(engine_mod, "compiled_step", lambda: broken)
+    model = models["qwen2"]
+    prompts = make_prompts(model, [20, 9], seed=13)
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=5)
+    engine = RolloutEngine(model, block_size=8, compile_decode=True)
+    with pytest.warns(RuntimeWarning, match="compiled decode step failed"):
+        outs = engine.generate(prompts, params)
+    assert not engine.compile_decode  # no second try
+    want = RolloutEngine(model, block_size=8).generate(prompts, params)
+    assert [[s.token_ids for s in o.samples] for o in outs] == \
+        [[s.token_ids for s in o.samples] for o in want]
+    with pytest.raises(ValueError, match="fuses the norms itself"):
+        RolloutEngine(model, compile_decode=True, fuse_norms=True)
