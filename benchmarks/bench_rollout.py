@@ -203,7 +203,7 @@ def _checks(spec, device: str, stats: dict):
     return checks
 
 
-def _case(spec, seed: int, device: str) -> Case:
+def _case(spec, seed: int, device: str, mode: str) -> Case:
     layers, b, p, g, n = spec
     stats: dict = {}  # the engine's EngineStats of its last run
     model = "gemma2-2b-shaped" if layers else "tiny-gemma2"
@@ -218,10 +218,12 @@ def _case(spec, seed: int, device: str) -> Case:
                  about="transformers generate, num_return_sequences=G, DynamicCache"),
             Impl("engine", _engine, 0.0, baseline="hf_generate",
                  about=f"RolloutEngine, block_size={BLOCK_SIZE}, prompt shared per group"),
-            Impl("engine_compiled", functools.partial(_engine, which="engine_compiled"), 0.0,
-                 baseline="hf_generate", about="the same with compile_decode=True (the warmup "
-                 "run compiles)"),
         ])
+    if mode != "smoke":  # the first call compiles (about 30 s on a 2-core CPU)
+        case.impls.append(Impl(
+            "engine_compiled", functools.partial(_engine, which="engine_compiled"), 0.0,
+            baseline="hf_generate", about="the same with compile_decode=True (the warmup run "
+            "compiles)"))
     if device == "cpu":  # on the GPU shape it would take minutes (16 calls of 640 steps)
         case.impls.insert(1, Impl(
             "hf_generate_per_prompt", _hf_generate_per_prompt, 0.0,
@@ -232,4 +234,4 @@ def _case(spec, seed: int, device: str) -> Case:
 
 @register("rollout")
 def rollout_cases(device: str, mode: str) -> list[Case]:
-    return [_case(spec, seed=0, device=device) for spec in _shapes(device, mode)]
+    return [_case(spec, seed=0, device=device, mode=mode) for spec in _shapes(device, mode)]

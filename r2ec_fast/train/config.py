@@ -89,6 +89,9 @@ class RolloutConfig:
     decode_graphs: bool = True
     fuse_norms: bool = True
     cascade: bool = True
+    # paged engine: decode steps through torch.compile (CPU and CUDA; compiles for tens of
+    # seconds at the first step of each process; on CUDA it replaces fuse_norms)
+    compile_decode: bool = False
 
     def validate(self, p: str = "rollout") -> None:
         _require(self.engine in ("paged", "hf"), f"{p}.engine", "must be 'paged' or 'hf'",

@@ -149,6 +149,7 @@ class Trainer:
             self.rollout = EngineRollout(self.model, self.answer_id, r.temperature, r.top_k,
                                          r.top_p, r.max_new_tokens, r.eval_max_new_tokens,
                                          block_size=r.block_size, kv_budget=r.kv_budget or None,
+                                         compile_decode=r.compile_decode,
                                          **{k: None if getattr(r, k) else False for k in (
                                              "decode_graphs", "fuse_norms", "cascade")})
         self.item_ids = tokenize_texts(tok, item_texts(tok, self.data.items,

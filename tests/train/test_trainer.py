@@ -53,6 +53,7 @@ def test_one_full_step(root, engine):
     if engine == "paged":  # the CUDA options left to the engine (on where the model is on CUDA)
         e = trainer.rollout.engine
         assert (e.decode_graphs, e.fuse_norms, e.cascade) == (None, None, None)
+        assert e.compile_decode is False
     before = {n: p.detach().clone() for n, p in trainer.model.lm.named_parameters()}
     table_before = trainer.model.item_table.weight.clone()
     metrics = trainer.train_step()
