@@ -182,6 +182,22 @@ def test_rollout_smoke(tmp_path):
     assert sharing["passed"] is True, sharing
 
 
+def test_rms_norm_smoke(tmp_path):
+    """The RMSNorm benchmark end to end: HF's module and the op's torch path timed, both at
+    fp32 rounding of float64, the triton row marked as needing CUDA."""
+    path = tmp_path / "rms-smoke.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = main(["bench", "--op", "rms_norm", "--smoke", "--device", "cpu",
+                       "--no-memory", "--json", str(path)])
+    assert status == 0, stdout.getvalue()
+    (case,) = json.loads(path.read_text())["cases"]
+    rows = {r["impl"]: r for r in case["results"]}
+    assert set(rows) == {"hf", "torch", "triton"} and "skipped" in rows["triton"]
+    for name in ("hf", "torch"):
+        assert rows[name]["max_error"] <= 1e-6 and rows[name]["time_ms"]["median"] > 0
+
+
 def test_acceptance_verdicts():
     """The acceptance checks of both benchmarks pass, fail and say 'not measured' as they should."""
     from r2ec_fast.benchmarks import bench_catalog, bench_token_logp
