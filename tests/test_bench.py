@@ -143,16 +143,23 @@ def test_bare_benchmarks_import_is_refused():
     assert proc.returncode != 0 and "r2ec_fast.benchmarks" in proc.stderr
 
 
+def run_smoke(op: str, tmp_path) -> dict:
+    """`r2ec-fast bench --op OP --smoke` on CPU without the memory subprocesses: its one case
+    from the JSON report."""
+    path = tmp_path / f"{op}-smoke.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = main(["bench", "--op", op, "--smoke", "--device", "cpu", "--no-memory",
+                       "--json", str(path)])
+    assert status == 0, stdout.getvalue()
+    (case,) = json.loads(path.read_text())["cases"]
+    return case
+
+
 def test_token_logp_smoke(tmp_path):
     """The token log-prob benchmark end to end: every column present, ours within fp32
     tolerance of float64 (timings only; --no-memory keeps it short)."""
-    path = tmp_path / "token-smoke.json"
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        status = main(["bench", "--op", "token_logp", "--smoke", "--device", "cpu",
-                       "--no-memory", "--json", str(path)])
-    assert status == 0, stdout.getvalue()
-    (case,) = json.loads(path.read_text())["cases"]
+    case = run_smoke("token_logp", tmp_path)
     rows = {r["impl"]: r for r in case["results"]}
     assert {"plain fwd", "torch fwd", "plain fwd+bwd", "torch fwd+bwd"} <= set(rows)
     for name in ("torch fwd", "torch fwd+bwd"):
@@ -164,13 +171,7 @@ def test_token_logp_smoke(tmp_path):
 def test_rollout_smoke(tmp_path):
     """The rollout benchmark end to end: both HF rows and the engine timed, the engine's
     log-probs within fp32 tolerance of float64, the prompt-sharing check passed."""
-    path = tmp_path / "rollout-smoke.json"
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        status = main(["bench", "--op", "rollout", "--smoke", "--device", "cpu",
-                       "--no-memory", "--json", str(path)])
-    assert status == 0, stdout.getvalue()
-    (case,) = json.loads(path.read_text())["cases"]
+    case = run_smoke("rollout", tmp_path)
     rows = {r["impl"]: r for r in case["results"]}
     assert set(rows) == {"hf_generate", "hf_generate_per_prompt", "engine"}
     assert all(r["time_ms"]["median"] > 0 for r in rows.values())
@@ -185,13 +186,7 @@ def test_rollout_smoke(tmp_path):
 def test_rms_norm_smoke(tmp_path):
     """The RMSNorm benchmark end to end: HF's module and the op's torch path timed, both at
     fp32 rounding of float64, the triton row marked as needing CUDA."""
-    path = tmp_path / "rms-smoke.json"
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        status = main(["bench", "--op", "rms_norm", "--smoke", "--device", "cpu",
-                       "--no-memory", "--json", str(path)])
-    assert status == 0, stdout.getvalue()
-    (case,) = json.loads(path.read_text())["cases"]
+    case = run_smoke("rms_norm", tmp_path)
     rows = {r["impl"]: r for r in case["results"]}
     assert set(rows) == {"hf", "torch", "triton"} and "skipped" in rows["triton"]
     for name in ("hf", "torch"):
