@@ -107,6 +107,7 @@ class ModelRunner:
         self.block_size, self.num_blocks, self.backend = block_size, num_blocks, backend
         self.fuse_norms, self.group_size = fuse_norms, group_size
         self.cache: PagedKVCache | None = None
+        self.spare_block = num_blocks  # see `allocate`
         self.graphs = (None if graph_width is None
                        else DecodeGraphs(self, graph_width, capture, step))
 
@@ -119,8 +120,11 @@ class ModelRunner:
 
     def allocate(self) -> None:
         # zeros, not empty: slots past a sequence's length are read (whole pages) and weighted
-        # by 0, and 0 x a NaN left in fresh memory is NaN
-        shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        # by 0, and 0 x a NaN left in fresh memory is NaN. One block more than the block
+        # manager hands out (`spare_block`): the decode graphs' padding rows write and read
+        # there, so that every row of a padded step has a real slot (the compiled torch path
+        # writes the cache with one unmasked index_copy_)
+        shape = (self.num_blocks + 1, self.block_size, self.num_kv_heads, self.head_dim)
         dev, dt = self.model.device, self.model.dtype
         self.cache = PagedKVCache([torch.zeros(shape, device=dev, dtype=dt)
                                    for _ in range(self.num_layers)],

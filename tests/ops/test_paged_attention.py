@@ -483,15 +483,38 @@ def test_triton_matches_torch_gemma2_shape_on_gpu(softcap, window):
     assert_three_way(ours, ref, plain, "triton cascade decode", tol=TOLERANCE[BF16])
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_torch_decode_writes_the_cache_inline(backend):
+    """Under torch.compile the torch decode writes the new K/V itself (index_copy_, traced):
+    the same caches as eager, the same attention within fp32 rounding; a slot < 0, which eager
+    skips, raises there (no host read to filter it)."""
+    case = make_case([1, 1, 1], [9, 4, 17], 4, 2, 16, 4, seed=17)
+    opts = dict(scale=0.3, softcap=4.0, sliding_window=6)
+    eager, k_eager, v_eager = run_decode(decode_attention, case, **opts)
+    fn = torch.compile(decode_attention, backend=backend, fullgraph=True)
+    out, k_out, v_out = run_decode(fn, case, **opts)
+    assert_close_verbose(k_out, k_eager, name="k_cache")  # exact (NaN slots stay NaN)
+    assert_close_verbose(v_out, v_eager, name="v_cache")
+    ref, _, _ = run_decode(decode_attention_reference, _cast(case, torch.float64), **opts)
+    assert_three_way(out, ref, eager, "compiled decode", tol=TOLERANCE[F32])
+    skipped = dict(case, slot_mapping=case["slot_mapping"].clone())
+    skipped["slot_mapping"][1] = -1
+    with pytest.raises((IndexError, RuntimeError), match="out of bounds|slot < 0"):
+        run_decode(fn, skipped, **opts)
+
+
 def test_ops_trace_under_torch_compile():
-    """fullgraph: validation traces, the work is one custom op per call that mutates the
-    caches; results and cache writes equal eager."""
+    """fullgraph: validation traces; the prefill is one custom op that mutates the caches (its
+    result equals eager's bit for bit), the torch decode is traced inline (the host-read-free
+    variant, a different order of fp32 sums: checked against float64) and so is its cache
+    write (index_copy_); the caches equal eager's."""
     case = make_case([1, 1, 1], [9, 4, 17], 4, 2, 16, 4, seed=16)
+    dec_opts = dict(scale=0.3, softcap=4.0, sliding_window=6)
 
     def step(c):
         append_kv(c["key"], c["value"], c["k_cache"], c["v_cache"], c["slot_mapping"])
         return decode_attention(c["query"], None, None, c["k_cache"], c["v_cache"],
-                                c["block_table"], c["cache_seqlens"], None, 0.3, 4.0, 6)
+                                c["block_table"], c["cache_seqlens"], None, **dec_opts)
 
     def prefill(c):
         return prefill_attention(**c, scale=0.3, sliding_window=5)
@@ -501,6 +524,12 @@ def test_ops_trace_under_torch_compile():
         compiled_c = dict(c, k_cache=c["k_cache"].clone(), v_cache=c["v_cache"].clone())
         eager = fn(eager_c)
         compiled = torch.compile(fn, backend="eager", fullgraph=True)(compiled_c)
-        assert torch.equal(compiled, eager)
+        if fn is prefill:
+            assert torch.equal(compiled, eager)
+        else:
+            ref = decode_attention_reference(
+                **_cast(dict(eager_c, key=None, value=None, slot_mapping=None),
+                        torch.float64), **dec_opts)
+            assert_three_way(compiled, ref, eager, "compiled decode", tol=TOLERANCE[F32])
         assert_close_verbose(compiled_c["k_cache"], eager_c["k_cache"], name="k_cache")
         assert_close_verbose(compiled_c["v_cache"], eager_c["v_cache"], name="v_cache")
