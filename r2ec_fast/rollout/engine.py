@@ -21,7 +21,7 @@ import torch
 from .block_manager import BlockManager
 from .graph_runner import compiled_step
 from .model_runner import ModelRunner, text_config
-from .sampler import Sampler
+from .sampler import Sampler, to_host
 from .scheduler import Scheduler
 from .sequence import Group, SamplingParams, Sequence, Status, sample_generator
 
@@ -254,7 +254,12 @@ class RolloutEngine:
         measure = False
         while not scheduler.finished:
             batch = scheduler.schedule()
-            logits = runner.run(batch)
+            fused = sampler.fusable and runner.draws(batch)
+            if fused:  # a compiled decode step draws the tokens too
+                seqs = [seq for r in batch.rows for seq in r.draw_for]
+                drawn = runner.run(batch, (sampler.uniforms(seqs), params))
+            else:
+                logits = runner.run(batch)
             if batch.prefill:
                 self.stats.prefill_steps += 1
             else:
@@ -267,9 +272,12 @@ class RolloutEngine:
             if batch.prefill or measure:
                 self._measure_prompt_blocks(scheduler)
             measure = batch.prefill
-            if not logits.shape[0]:
+            if fused:
+                tokens, logprobs = to_host(*drawn)
+            elif logits.shape[0]:
+                tokens, logprobs, seqs = sampler(batch, logits)
+            else:
                 continue
-            tokens, logprobs, seqs = sampler(batch, logits)
             for seq, token, logprob in zip(seqs, tokens, logprobs):
                 seq.output.append(token)
                 seq.logprobs.append(logprob)

@@ -27,6 +27,8 @@ import warnings
 
 import torch
 
+from r2ec_fast.ops.sampling import sample
+
 from .scheduler import Batch, shared_prefixes
 
 SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -43,10 +45,13 @@ def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def decode_step(model, cache, meta: torch.Tensor, members: torch.Tensor | None) -> torch.Tensor:
-    """One padded decode step from the static buffers: [size, Vocab] fp32 logits. A plain
-    function of tensors and the model, so that `torch.compile` can take it whole (the paged
-    ops are custom ops; no graph break on tiny Gemma-2 and Qwen-2)."""
+def decode_step(model, cache, meta: torch.Tensor, members: torch.Tensor | None,
+                uniform: torch.Tensor | None = None, sampling: tuple | None = None):
+    """One padded decode step from the static buffers: [size, Vocab] fp32 logits, or with
+    `sampling` = (temperature, top_k, top_p) the draw too (`ops.sampling.sample`'s torch path,
+    one uniform per row from `uniform` [size] fp64): (tokens [size], logprobs [size]). A plain
+    function of tensors, numbers and the model, so that `torch.compile` can take it whole (no
+    graph break on tiny Gemma-2 and Qwen-2)."""
     cache.block_table = meta[:, META:].to(torch.int32)
     cache.cache_seqlens = meta[:, 2].to(torch.int32)
     cache.slot_mapping = meta[:, 3].contiguous()
@@ -55,7 +60,12 @@ def decode_step(model, cache, meta: torch.Tensor, members: torch.Tensor | None) 
     cache.prefix_lens = None if members is None else meta[:, 4].to(torch.int32)
     out = model.decoder()(input_ids=meta[:, 0][None], position_ids=meta[:, 1][None],
                           use_cache=False, paged_kv=cache)
-    return final_logits(model, out.last_hidden_state[0])
+    logits = final_logits(model, out.last_hidden_state[0])
+    if sampling is None:
+        return logits
+    temperature, top_k, top_p = sampling
+    return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                  uniform=None if temperature == 0 else uniform, backend="torch")
 
 
 def padded_size(n: int) -> int:
@@ -76,6 +86,7 @@ class _Graph:
         # cascade hint: at most size // 2 prefixes of two or more rows
         self.members = (torch.full((max(1, size // 2), group_size), -1, dtype=torch.int32,
                                    device=device) if group_size > 1 else None)
+        self.uniform = torch.full((size,), 0.5, dtype=torch.float64, device=device)
         self.graph = None
         self.logits: torch.Tensor | None = None
 
@@ -89,10 +100,17 @@ class DecodeGraphs:
         self.compile_failed = False
         self.pool = None
         self.captures = 0  # graphs captured this call (EngineStats)
-        self.guarded: set[int] = set()  # sizes whose compiled step ran with all its guards
+        self.guarded: set = set()  # (size, sampling) whose compiled step ran with all guards
 
-    def run(self, batch: Batch) -> torch.Tensor:
-        """[n, Vocab] fp32 logits of a decode batch's n rows."""
+    @property
+    def draws(self) -> bool:
+        """Whether `run` can draw the tokens too: a compiled step run as it is (the draw
+        inside CUDA graphs is not implemented)."""
+        return self.step is not decode_step and not self.capture
+
+    def run(self, batch: Batch, draw=None):
+        """[n, Vocab] fp32 logits of a decode batch's n rows; with draw = (uniforms, params),
+        only when `draws`: (tokens [n], logprobs [n]) drawn inside the compiled step."""
         n = len(batch.rows)
         size = padded_size(n)
         g = self.graphs.get(size)
@@ -100,6 +118,15 @@ class DecodeGraphs:
             g = self.graphs[size] = _Graph(size, self.width, self.runner.group_size,
                                            self.runner.model.device)
         self._fill(g, batch)
+        if draw is not None:
+            if not self.draws:
+                raise RuntimeError("this decode path does not draw (see DecodeGraphs.draws)")
+            uniforms, params = draw
+            if uniforms:
+                g.uniform[:n].copy_(torch.tensor(uniforms, dtype=torch.float64))
+            tokens, logprobs = self._forward(g, (params.temperature, params.top_k,
+                                                 params.top_p))
+            return tokens[:n], logprobs[:n]
         if g.graph is not None:
             g.graph.replay()
         elif self.capture:
@@ -128,21 +155,22 @@ class DecodeGraphs:
                     * (g.size - len(rows)))
         g.meta.copy_(torch.tensor(rows, dtype=torch.int64))
 
-    def _forward(self, g: _Graph) -> torch.Tensor:
+    def _forward(self, g: _Graph, sampling: tuple | None = None):
         model, cache = self.runner.model, self.runner.cache
+        args = (model, cache, g.meta, g.members, g.uniform, sampling)
         if self.step is decode_step:
-            return decode_step(model, cache, g.meta, g.members)
+            return decode_step(*args)
         try:
-            if g.size not in self.guarded:
-                logits = self.step(model, cache, g.meta, g.members)
-                self.guarded.add(g.size)
-                return logits
+            if (g.size, sampling) not in self.guarded:
+                out = self.step(*args)
+                self.guarded.add((g.size, sampling))
+                return out
             # Dynamo's guards (about 0.6 ms a step for the tiny model on CPU, more per layer)
             # check the model's modules and the call's objects, none of which change within a
             # `generate` call, and this size passed them all earlier in it: evaluate only the
             # guards that tell the compiled variants apart, which select the same variant
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return self.step(model, cache, g.meta, g.members)
+                return self.step(*args)
         except Exception as exc:  # noqa: BLE001 - a compiler that fails: decode uncompiled
             # (compilation fails before anything runs, so the step is redone from scratch)
             warnings.warn(f"rollout: the compiled decode step failed ({type(exc).__name__}: "
@@ -150,7 +178,7 @@ class DecodeGraphs:
                           "uncompiled", RuntimeWarning, stacklevel=3)
             self.step = decode_step
             self.compile_failed = True
-            return decode_step(model, cache, g.meta, g.members)
+            return decode_step(*args)
 
     def _capture(self, g: _Graph) -> None:
         """Warm up on a side stream (the real step: it writes this step's K/V, which the replay

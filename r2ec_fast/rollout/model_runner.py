@@ -183,12 +183,19 @@ class ModelRunner:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return final_logits(self.model, hidden)
 
-    def run(self, batch: Batch) -> torch.Tensor:
+    def draws(self, batch: Batch) -> bool:
+        """Whether `run` can draw this batch's tokens itself (`DecodeGraphs.draws`)."""
+        return not batch.prefill and self.graphs is not None and self.graphs.draws
+
+    def run(self, batch: Batch, draw=None):
         """Run a batch's forward; [R, Vocab] logits at the last token of every row that draws
-        (in row order)."""
+        (in row order). draw = (uniforms, params), only where `draws(batch)`: the rows' tokens
+        and log-probs instead, drawn in the same compiled step."""
         self.cache.copy_blocks(batch.copies)
         if not batch.prefill and self.graphs is not None:
-            return self.graphs.run(batch)  # one token per row, every row draws
+            return self.graphs.run(batch, draw)  # one token per row, every row draws
+        if draw is not None:
+            raise RuntimeError("ModelRunner.run draws only where draws(batch) holds")
         ids, pos = self._metadata(batch)
         out = self.model.decoder()(input_ids=ids, position_ids=pos, use_cache=False,
                                    paged_kv=self.cache)

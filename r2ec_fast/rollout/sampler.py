@@ -33,17 +33,32 @@ class Sampler:
         rows = [s.prompt + s.output + [-1] * (width - s.num_tokens) for s in seqs]
         return torch.tensor(rows, dtype=torch.long, device=device)
 
+    @property
+    def fusable(self) -> bool:
+        """Whether a compiled decode step may draw itself (`ModelRunner.run(draw=...)`): the
+        torch path of `sample`, and no repetition penalty (its token history grows each step,
+        which a fixed-shape step cannot take)."""
+        return self.backend in (None, "torch", "reference") and self.params.repetition_penalty == 1
+
+    def uniforms(self, seqs: list[Sequence]) -> list[float]:
+        """One uniform per drawing sequence, from its own stream (none when greedy)."""
+        return [] if self.params.greedy else [s.next_uniform() for s in seqs]
+
     def __call__(self, batch: Batch, logits: torch.Tensor) -> tuple[list[int], list[float],
                                                                     list[Sequence]]:
         seqs, index = self.draw_index(batch)
         if len(index) != logits.shape[0]:
             logits = logits.index_select(0, torch.tensor(index, device=logits.device))
         p = self.params
-        uniform = None if p.greedy else torch.tensor(
-            [s.next_uniform() for s in seqs], dtype=torch.float64, device=logits.device)
+        uniform = None if p.greedy else torch.tensor(self.uniforms(seqs), dtype=torch.float64,
+                                                     device=logits.device)
         prev = self._prev_tokens(seqs, logits.device) if p.repetition_penalty != 1 else None
         tokens, logprobs = sample(logits, temperature=p.temperature, top_k=p.top_k,
                                   top_p=p.top_p, repetition_penalty=p.repetition_penalty,
                                   prev_tokens=prev, uniform=uniform, backend=self.backend)
-        both = torch.stack([tokens.double(), logprobs.double()]).cpu()  # one host sync
-        return [int(t) for t in both[0].tolist()], both[1].tolist(), seqs
+        return (*to_host(tokens, logprobs), seqs)
+
+
+def to_host(tokens: torch.Tensor, logprobs: torch.Tensor) -> tuple[list[int], list[float]]:
+    both = torch.stack([tokens.double(), logprobs.double()]).cpu()  # one host sync
+    return [int(t) for t in both[0].tolist()], both[1].tolist()

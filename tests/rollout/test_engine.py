@@ -350,8 +350,8 @@ def test_cascade_through_the_triton_kernels(models, monkeypatch):
 
 def test_compiled_decode_equals_eager(models):
     """compile_decode: the padded decode step through torch.compile (inductor, CPU here) gives
-    HF's greedy tokens and the eager path's sampled tokens and log-probs; the engine keeps the
-    compiled step for its next call. 3 and 6 rows: padded to 4 and 8, so padding rows (which
+    HF's greedy tokens and the eager path's sampled tokens and log-probs (drawn in the compiled
+    step); the engine keeps the compiled step for its next call. 3 and 6 rows: padded to 4 and 8, so padding rows (which
     write the spare block) run in the compiled step."""
     model = models["gemma2"]
     prompts = make_prompts(model, [45, 21, 30], seed=12)
@@ -360,7 +360,9 @@ def test_compiled_decode_equals_eager(models):
     for prompt, out in zip(prompts, outs):
         assert [s.token_ids for s in out.samples] == [hf_greedy(model, prompt, 6)]
     step = engine._step
-    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=2)
+    # drawn inside the compiled step (top-k and top-p included)
+    params = SamplingParams(n=2, temperature=1.3, top_k=50, top_p=0.9, max_new_tokens=6,
+                            seed=2)
     got = engine.generate(prompts, params)
     assert engine._step is step and engine.compile_decode
     assert_same_samples(got, RolloutEngine(model, block_size=8).generate(prompts, params))
