@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU test and benchmark in one command, in under 8 minutes, with all logs and JSON
+# Every GPU test and benchmark in one command, in under 11 minutes, with all logs and JSON
 # reports left in one folder (DESIGN §7). For a CUDA machine without internet:
 #
 #   bash benchmarks/gpu_suite.sh [OUTDIR]     # default: benchmarks/results/gpu-<date>

@@ -88,7 +88,8 @@ class RolloutEngine:
                  cascade: bool | None = None, compile_decode: bool = False,
                  progress: bool = False):
         """model: a `DualHeadModel`. kv_budget: the most the KV cache may take, in bytes (an
-        int, or "2GiB") or in blocks ("512 blocks"); default: on CUDA half of the free device memory at each call, on CPU 2 GiB.
+        int, or "2GiB") or in blocks ("512 blocks"); default: on CUDA half of the free device
+        memory at each call, on CPU 2 GiB.
         The cache never takes more than the call can use. attn_backend / sample_backend: force
         an implementation of the paged-attention / sampling ops (default: automatic).
         decode_graphs: replay decode steps from CUDA graphs, one per padded batch size
@@ -100,9 +101,11 @@ class RolloutEngine:
         read once per group rather than once per sample (default: on CUDA, where the triton
         attention uses it; the torch attention ignores it and on CPU checks it).
         compile_decode: decode steps through `torch.compile` (inductor fuses the HF layers'
-        elementwise ops; on CUDA inside the graphs), padded to the graph sizes on CPU too. The
-        first step of each new shape compiles (tens of seconds); the compiled step is kept by
-        the engine for later calls. Incompatible with fuse_norms=True."""
+        elementwise ops; on CUDA inside the graphs), padded to the graph sizes on CPU too,
+        where the step also draws the tokens (unless repetition_penalty != 1). One compile
+        serves every batch size and width (sizes 1 and 2 are specialised): 10-75 s on the
+        first call on a 2-core CPU; the compiled step is kept by the engine for later calls.
+        Incompatible with fuse_norms=True."""
         for name, value in (("decode_graphs", decode_graphs), ("fuse_norms", fuse_norms),
                             ("cascade", cascade)):
             if value is not None and not isinstance(value, bool):

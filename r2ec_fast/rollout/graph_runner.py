@@ -13,13 +13,20 @@ the token, its position, the sequence length after it, its cache slot, its share
 of the call can hold); `members` [size // 2, G] the rows of each shared prefix. The int32 views
 the kernels take are made inside the graph. Padding rows write their one key into the spare
 block that the runner allocates past the block manager's (`ModelRunner.spare_block`) and attend
-to it alone; their outputs are dropped. The
-paged decode kernels have no host reads and a grid that depends on shapes only, so they
-capture as they are; the KV cache tensors, the model's weights and the graph memory pool are
-fixed for the graphs' lifetime, which is one `generate` call (the cache is allocated per call).
+to it alone; their outputs are dropped. The paged decode kernels have no host reads and a grid
+that depends on shapes only, so they capture as they are; the KV cache tensors, the model's
+weights and the graph memory pool are fixed for the graphs' lifetime, which is one `generate`
+call (the cache is allocated per call).
 
 Off CUDA (the tests) `capture=False` runs the same padded static path eagerly, so the padding
 and the metadata layout are tested without a GPU.
+
+With a compiled step (`compiled_step`, the engine's compile_decode) and no capture (CPU), the
+step is called directly every time: its buffers are marked dynamic so that one compile serves
+every size and width; after the first step of a size in a call it runs with Dynamo's guard
+evaluation reduced to the guards that tell variants apart (nothing they check changes within
+a call); and it can draw the tokens itself (`draws`: `sample`'s torch ops inside the compiled
+graph, the uniforms in a static buffer), which saves the sampler's separate dispatches.
 """
 from __future__ import annotations
 
@@ -189,8 +196,9 @@ class DecodeGraphs:
 
     def _capture(self, g: _Graph) -> None:
         """Warm up on a side stream (the real step: it writes this step's K/V, which the replay
-        writes again identically; a compiled step compiles here), capture, replay. A capture that fails (an op of the model
-        that reads the device from the host, say) leaves this call on the eager path."""
+        writes again identically; a compiled step compiles here), capture, replay. A capture
+        that fails (an op of the model that reads the device from the host, say) leaves this
+        call on the eager path."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

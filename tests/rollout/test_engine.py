@@ -91,8 +91,8 @@ def test_logprobs_equal_the_trainers_linear_log_probs(models, arch):
             want = linear_log_probs(hidden[p - 1:-1], model.lm_head_weight,
                                     torch.tensor(s.token_ids), softcap=model.softcap,
                                     temperature=temperature)
-            torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64), want.double(), rtol=0,
-                                       atol=2e-5)
+            torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64),
+                                       want.double(), rtol=0, atol=2e-5)
 
 
 def test_group_holds_its_prompt_blocks_once():
@@ -351,8 +351,8 @@ def test_cascade_through_the_triton_kernels(models, monkeypatch):
 def test_compiled_decode_equals_eager(models):
     """compile_decode: the padded decode step through torch.compile (inductor, CPU here) gives
     HF's greedy tokens and the eager path's sampled tokens and log-probs (drawn in the compiled
-    step); the engine keeps the compiled step for its next call. 3 and 6 rows: padded to 4 and 8, so padding rows (which
-    write the spare block) run in the compiled step."""
+    step); the engine keeps the compiled step for its next call. 3 and 6 rows: padded to 4 and
+    8, so padding rows (which write the spare block) run in the compiled step."""
     model = models["gemma2"]
     prompts = make_prompts(model, [45, 21, 30], seed=12)
     engine = RolloutEngine(model, block_size=8, compile_decode=True)
