@@ -39,10 +39,13 @@ def _run_train(args: argparse.Namespace) -> int:
     from r2ec_fast.train.distributed import close_distributed, init_distributed
 
     dist = init_distributed()
+    finished = False
     try:
-        return _train(args, dist)
+        code = _train(args, dist)
+        finished = True
+        return code
     finally:
-        close_distributed(dist)
+        close_distributed(dist, wait=finished)
 
 
 def _train(args: argparse.Namespace, dist) -> int:
@@ -123,10 +126,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     from r2ec_fast.train.distributed import close_distributed, init_distributed
 
     dist = init_distributed()
+    finished = False
     try:
-        return _eval(args, dist)
+        code = _eval(args, dist)
+        finished = True
+        return code
     finally:
-        close_distributed(dist)
+        close_distributed(dist, wait=finished)
 
 
 def _eval(args: argparse.Namespace, dist) -> int:

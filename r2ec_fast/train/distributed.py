@@ -193,8 +193,14 @@ def init_distributed(device: str | None = None) -> DistContext:
     return DistContext(rank, world_size, local_rank, where)
 
 
-def close_distributed(ctx: DistContext) -> None:
+def close_distributed(ctx: DistContext, wait: bool = True) -> None:
+    """Destroy the process group; with wait (the ranks finished normally) after a barrier, so
+    that no rank tears its gloo/NCCL threads down while a peer is still talking to it (a rank
+    that left early aborted once with "terminate called without an active exception"). After
+    an error, no barrier: a peer may never arrive."""
     if ctx.enabled and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
