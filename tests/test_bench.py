@@ -11,6 +11,7 @@ import datetime
 import io
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,25 @@ def test_rollout_smoke(tmp_path):
     assert "tokens/s =" in speed["value"], speed  # measured (smoke: no target)
     sharing = next(c for name, c in checks.items() if name.startswith("prompt KV held once"))
     assert sharing["passed"] is True, sharing
+
+
+def test_profile_rollout_tool(capsys):
+    """`python -m r2ec_fast.benchmarks.profile_rollout` on CPU (tiny Gemma-2, two cheap
+    configurations, 2 and 4 new tokens): a decode-step line per configuration and for HF, the
+    speed-ups, greedy agreement; bad arguments are refused."""
+    from r2ec_fast.benchmarks import profile_rollout
+
+    assert profile_rollout.main(["--device", "cpu", "--configs", "eager,graphs",
+                                 "--steps", "2,4"]) == 0
+    out = capsys.readouterr().out
+    for name in ("eager", "graphs", "hf_generate"):
+        assert re.search(rf"^{name} +warmup .* decode step +[0-9.]+ ms", out, re.M), out
+    assert "decode step speed-up graphs vs HF generate" in out
+    assert "greedy graphs: 8/8 samples equal to eager's" in out
+    for bad in (["--configs", "nope"], ["--steps", "4,2"], ["--steps", "x"],
+                ["--configs", "eager", "--kernels", "all"]):
+        with pytest.raises(SystemExit):
+            profile_rollout.main(["--device", "cpu", *bad])
 
 
 def test_rms_norm_smoke(tmp_path):

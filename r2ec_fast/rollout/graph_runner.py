@@ -125,10 +125,13 @@ class DecodeGraphs:
             g = self.graphs[size] = _Graph(size, self.width, self.runner.group_size,
                                            self.runner.model.device)
             if self.step is not decode_step:
-                # one compiled step for every batch size and width (sizes 1 and 2 aside,
-                # which Dynamo specialises): on CPU a rollout whose batch shrinks as samples
-                # stop compiled for 52 s instead of 76 s, and its steps were no slower
-                for t, dim in ((g.meta, 0), (g.meta, 1), (g.uniform, 0), (g.members, 0)):
+                # one compiled step for every batch size, width and cache size (sizes 1 and
+                # 2 aside, which Dynamo specialises): on CPU a rollout whose batch shrinks as
+                # samples stop compiled for 52 s instead of 76 s, its steps no slower, and a
+                # call with longer prompts or outputs (a bigger cache) compiles nothing new
+                cache = self.runner.cache
+                for t, dim in ((g.meta, 0), (g.meta, 1), (g.uniform, 0), (g.members, 0),
+                               *((c, 0) for c in (*cache.k, *cache.v))):
                     if t is not None:
                         torch._dynamo.maybe_mark_dynamic(t, dim)
         self._fill(g, batch)
