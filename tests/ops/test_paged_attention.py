@@ -197,14 +197,28 @@ def test_append_kv_writes_exactly_and_skips_negative_slots(backend):
     assert_close_verbose(v_cache, expect_v, name="v_cache")
 
 
-def test_torch_batching_does_not_change_results(monkeypatch):
-    """A small score budget cuts the 37-token prefill into chunks of 8 queries, and the
-    chunks into several batches."""
-    case, opts = _prefill_case("gqa2-window-softcap-packed", F32, seed=6)
+@pytest.mark.parametrize("name", ["gqa2-window-softcap-packed", "gqa2-chunked-softcap"])
+def test_torch_batching_does_not_change_results(monkeypatch, name):
+    """Whole sequences in one batch, against: chunks of at most 5 query rows (each over the
+    keys it sees) batched by key span (several batches), and a small score budget that cuts
+    the 37-token prefill into chunks of 8 queries and those into several batches."""
+    case, opts = _prefill_case(name, F32, seed=6)
+    ref, _, _ = run_prefill(prefill_attention_reference, _cast(case, torch.float64), **opts)
+    monkeypatch.setattr(mod, "PREFILL_ROWS", 1 << 30)
+    monkeypatch.setattr(mod, "SPAN_GROWTH", float("inf"))
     whole, _, _ = run_prefill(prefill_attention, case, backend="torch", **opts)
-    monkeypatch.setattr(mod, "SCORE_ELEMS", 1500)
-    cut, _, _ = run_prefill(prefill_attention, case, backend="torch", **opts)
-    assert rel_error(cut, whole) < 1e-6
+    batches = []
+    monkeypatch.setattr(mod, "_batches", lambda *a, f=mod._batches: (
+        b for b in f(*a) if not batches.append(len(b[0]))))
+    for setting in (dict(PREFILL_ROWS=5, SPAN_GROWTH=1.3),
+                    dict(PREFILL_ROWS=1 << 30, SPAN_GROWTH=float("inf"), SCORE_ELEMS=1500)):
+        for key, value in setting.items():
+            monkeypatch.setattr(mod, key, value)
+        batches.clear()
+        cut, _, _ = run_prefill(prefill_attention, case, backend="torch", **opts)
+        assert len(batches) >= 3, (setting, batches)
+        assert rel_error(cut, whole) < 1e-6
+        assert_three_way(cut, ref, whole, f"torch prefill {setting}", tol=TOLERANCE[F32])
 
 
 @pytest.fixture
