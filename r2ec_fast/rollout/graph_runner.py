@@ -153,7 +153,12 @@ class DecodeGraphs:
         return g.logits[:n]
 
     def _fill(self, g: _Graph, batch: Batch) -> None:
-        width, runner = self.width, self.runner
+        runner = self.runner
+        # a compiled step called directly (no CUDA graph) takes a fresh `meta` as wide as this
+        # step's longest block table (its width is a dynamic dimension): the torch attention
+        # reads whole table rows, so the call's full width would be wasted early on
+        fresh = self.draws
+        width = max(len(r.table) for r in batch.rows) if fresh else self.width
         lens = [0] * len(batch.rows)
         if g.members is not None:
             members, lens = shared_prefixes(batch.rows, runner.block_size, runner.group_size)
@@ -161,16 +166,21 @@ class DecodeGraphs:
             g.members.copy_(torch.tensor(members, dtype=torch.int32))
         rows = []
         for i, r in enumerate(batch.rows):
-            if len(r.tokens) != 1 or len(r.table) > width:
+            if len(r.tokens) != 1 or len(r.table) > self.width:
                 raise RuntimeError(f"decode row {i} has {len(r.tokens)} tokens and "
-                                   f"{len(r.table)} blocks (graph width {width})")
+                                   f"{len(r.table)} blocks (graph width {self.width})")
             rows.append([r.tokens[0], r.start, r.start + 1, r.slots[0], lens[i], *r.table,
                          *[0] * (width - len(r.table))])
         # padding rows: token 0 at position 0, written to and read from the spare block
         spare = runner.spare_block
         rows.extend([[0, 0, 1, spare * runner.block_size, 0, spare, *[0] * (width - 1)]]
                     * (g.size - len(rows)))
-        g.meta.copy_(torch.tensor(rows, dtype=torch.int64))
+        if not fresh:
+            g.meta.copy_(torch.tensor(rows, dtype=torch.int64))
+            return
+        g.meta = torch.tensor(rows, dtype=torch.int64, device=g.meta.device)
+        torch._dynamo.maybe_mark_dynamic(g.meta, 0)
+        torch._dynamo.maybe_mark_dynamic(g.meta, 1)
 
     def _forward(self, g: _Graph, sampling: tuple | None = None):
         model, cache = self.runner.model, self.runner.cache
