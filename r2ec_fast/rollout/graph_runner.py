@@ -176,6 +176,9 @@ class DecodeGraphs:
         rows.extend([[0, 0, 1, spare * runner.block_size, 0, spare, *[0] * (width - 1)]]
                     * (g.size - len(rows)))
         if not fresh:
+            if g.meta.shape[1] != META + width:  # fresh ones before a compiler failed
+                g.meta = torch.zeros((g.size, META + width), dtype=torch.int64,
+                                     device=g.meta.device)
             g.meta.copy_(torch.tensor(rows, dtype=torch.int64))
             return
         g.meta = torch.tensor(rows, dtype=torch.int64, device=g.meta.device)
