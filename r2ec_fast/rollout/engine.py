@@ -259,7 +259,7 @@ class RolloutEngine:
             batch = scheduler.schedule()
             fused = sampler.fusable and runner.draws(batch)
             if fused:  # a compiled decode step draws the tokens too
-                seqs = [seq for r in batch.rows for seq in r.draw_for]
+                seqs, _ = sampler.draw_index(batch)
                 drawn = runner.run(batch, (sampler.uniforms(seqs), params))
             else:
                 logits = runner.run(batch)

@@ -36,9 +36,9 @@ class Sampler:
     @property
     def fusable(self) -> bool:
         """Whether a compiled decode step may draw itself (`ModelRunner.run(draw=...)`): the
-        torch path of `sample`, and no repetition penalty (its token history grows each step,
-        which a fixed-shape step cannot take)."""
-        return self.backend in (None, "torch", "reference") and self.params.repetition_penalty == 1
+        torch path of `sample`, and no repetition penalty (the step takes no token history)."""
+        return (self.backend in (None, "torch", "reference")
+                and self.params.repetition_penalty == 1)
 
     def uniforms(self, seqs: list[Sequence]) -> list[float]:
         """One uniform per drawing sequence, from its own stream (none when greedy)."""
