@@ -413,7 +413,7 @@ def _prefill_chunks(cu, lens, n_q_heads, window):
     return chunks
 
 
-def _batches(chunks, n_q_heads, growth=float("inf")):
+def _batches(chunks, n_q_heads, growth):
     """Consecutive chunks grouped so that each padded batch's scores stay under SCORE_ELEMS
     and no chunk's key span exceeds `growth` x the batch's first one (chunks sorted by span:
     little padding)."""

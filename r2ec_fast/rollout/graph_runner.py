@@ -18,8 +18,9 @@ that depends on shapes only, so they capture as they are; the KV cache tensors, 
 weights and the graph memory pool are fixed for the graphs' lifetime, which is one `generate`
 call (the cache is allocated per call).
 
-Off CUDA (the tests) `capture=False` runs the same padded static path eagerly, so the padding
-and the metadata layout are tested without a GPU.
+Off CUDA (the tests) `capture=False` runs the same padded path eagerly, so the padding and the
+metadata layout are tested without a GPU (there `meta` is made fresh each step, as wide as the
+step's longest block table).
 
 With a compiled step (`compiled_step`, the engine's compile_decode) and no capture (CPU), the
 step is called directly every time: its buffers are marked dynamic so that one compile serves
@@ -154,11 +155,12 @@ class DecodeGraphs:
 
     def _fill(self, g: _Graph, batch: Batch) -> None:
         runner = self.runner
-        # a compiled step called directly (no CUDA graph) takes a fresh `meta` as wide as this
-        # step's longest block table (its width is a dynamic dimension): the torch attention
-        # reads whole table rows, so the call's full width would be wasted early on
-        fresh = self.draws
-        width = max(len(r.table) for r in batch.rows) if fresh else self.width
+        # only CUDA graphs need `meta` static (they read the buffer they were captured with);
+        # otherwise each step gets a fresh one as wide as its longest block table (a dynamic
+        # dimension of a compiled step): the compiled torch attention reads whole table rows,
+        # so the call's full width would be wasted early on
+        static = self.capture
+        width = self.width if static else max(len(r.table) for r in batch.rows)
         lens = [0] * len(batch.rows)
         if g.members is not None:
             members, lens = shared_prefixes(batch.rows, runner.block_size, runner.group_size)
@@ -175,15 +177,13 @@ class DecodeGraphs:
         spare = runner.spare_block
         rows.extend([[0, 0, 1, spare * runner.block_size, 0, spare, *[0] * (width - 1)]]
                     * (g.size - len(rows)))
-        if not fresh:
-            if g.meta.shape[1] != META + width:  # fresh ones before a compiler failed
-                g.meta = torch.zeros((g.size, META + width), dtype=torch.int64,
-                                     device=g.meta.device)
+        if static:
             g.meta.copy_(torch.tensor(rows, dtype=torch.int64))
             return
         g.meta = torch.tensor(rows, dtype=torch.int64, device=g.meta.device)
-        torch._dynamo.maybe_mark_dynamic(g.meta, 0)
-        torch._dynamo.maybe_mark_dynamic(g.meta, 1)
+        if self.step is not decode_step:
+            torch._dynamo.maybe_mark_dynamic(g.meta, 0)
+            torch._dynamo.maybe_mark_dynamic(g.meta, 1)
 
     def _forward(self, g: _Graph, sampling: tuple | None = None):
         model, cache = self.runner.model, self.runner.cache
