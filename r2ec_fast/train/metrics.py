@@ -159,21 +159,23 @@ class PhaseTimer:
     phase; time a few phases per step, not every op). Phases may nest.
     """
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
+        """clock: seconds as a float (tests pass a fake one)."""
         self._seconds: dict[str, float] = defaultdict(float)
+        self._clock = clock
 
     @contextmanager
     def __call__(self, name: str):
         cuda = _cuda_in_use()
         if cuda is not None:
             cuda.synchronize()
-        start = time.perf_counter()
+        start = self._clock()
         try:
             yield
         finally:
             if cuda is not None:
                 cuda.synchronize()
-            self._seconds[name] += time.perf_counter() - start
+            self._seconds[name] += self._clock() - start
 
     def pop(self) -> dict[str, float]:
         """{"time_<phase>": seconds} since the last pop; resets the totals."""

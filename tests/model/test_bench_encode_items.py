@@ -1,5 +1,6 @@
 """The encode_items benchmark end to end on its smoke case (no memory subprocesses)."""
 import io
+import math
 
 from r2ec_fast.benchmarks import harness
 
@@ -14,7 +15,7 @@ def test_smoke_case_runs_and_reports():
     for r in results.values():
         assert "failed" not in r, r
         assert r["max_error"] < 1e-5  # fp32 vs the float64 checkpoint, both batchings
-        assert r["tflops"] > 0
+        assert math.isfinite(r["tflops"])
     assert case["shape"]["forwards"] >= 2 and case["bytes_read"] > 0
     (check,) = case["checks"]  # no acceptance target on the smoke case: figures only
     assert check["passed"] is None and "items/s" in check["value"]
