@@ -4,7 +4,6 @@ import argparse
 import json
 import math
 import sys
-import time
 import warnings
 
 import numpy as np
