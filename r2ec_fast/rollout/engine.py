@@ -8,7 +8,9 @@ It ties the roles together: `Scheduler` (continuous batching under the KV budget
 `BlockManager` (a group's prompt blocks held once by its G samples), `ModelRunner` (the model's
 own decoder over the paged cache) and `Sampler`. The model is used as it is at the call (LoRA
 adapters included): nothing is copied, so there is no weight reload between training steps.
-The KV cache is allocated per call, sized to what the call can need at most, within the budget.
+The KV cache is allocated per call, sized to what the call can need at most, within the budget;
+when allocating it runs out of memory it is halved (down to what one group needs at its longest)
+and the scheduler preempts within the smaller cache instead of the call failing.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..memory import free_memory, is_out_of_memory
 from .block_manager import BlockManager
 from .graph_runner import compiled_step
 from .model_runner import ModelRunner, text_config
@@ -78,6 +81,7 @@ class EngineStats:
     decode_steps: int = 0
     generated_tokens: int = 0
     graph_captures: int = 0  # decode batch sizes captured as CUDA graphs
+    cache_shrinks: int = 0  # halvings of the cache after allocating it ran out of memory
 
 
 class RolloutEngine:
@@ -199,8 +203,6 @@ class RolloutEngine:
         # enough for every group at its longest plus the scheduler's headroom of a block per
         # sequence: then a roomy budget admits everything at once and never preempts
         num_blocks = min(budget, sum(worst) + len(prompts) * params.n)
-        blocks = BlockManager(num_blocks, self.block_size)
-        scheduler = Scheduler(blocks, self.max_num_seqs, self.max_prefill_tokens)
         cuda = self.model.device.type == "cuda"
         graphs = cuda if self.decode_graphs is None else self.decode_graphs
         width = max(math.ceil((len(p) + params.max_new_tokens) / self.block_size)
@@ -216,10 +218,13 @@ class RolloutEngine:
                              step=self._step if self.compile_decode else None)
         sampler = Sampler(params, self.sample_backend)
         groups = self._groups(prompts, seeds, params)
+        num_blocks, shrinks = self._allocate(runner, max(worst))
+        blocks = BlockManager(num_blocks, self.block_size)
+        scheduler = Scheduler(blocks, self.max_num_seqs, self.max_prefill_tokens)
         for g in groups:
             scheduler.add(g)
-        self.stats = EngineStats(num_blocks=num_blocks, block_size=self.block_size)
-        runner.allocate()
+        self.stats = EngineStats(num_blocks=num_blocks, block_size=self.block_size,
+                                 cache_shrinks=shrinks)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -236,6 +241,24 @@ class RolloutEngine:
         self.stats.preemptions = scheduler.num_preemptions
         return [RequestOutput(g.prompt, [SampleOutput(s.output, s.logprobs, s.finish_reason)
                                          for s in g.samples]) for g in groups]
+
+    @staticmethod
+    def _allocate(runner: ModelRunner, floor: int) -> tuple[int, int]:
+        """Allocate the runner's cache; when that runs out of memory, halve it (down to `floor`,
+        what one group needs at its longest) and let the scheduler preempt within it. Returns
+        (blocks, halvings)."""
+        shrinks = 0
+        while True:
+            try:
+                runner.allocate()
+                return runner.num_blocks, shrinks
+            except Exception as exc:  # only out-of-memory is answered; the rest propagates
+                if not is_out_of_memory(exc) or runner.num_blocks <= floor:
+                    raise
+            runner.release()
+            free_memory()
+            runner.resize(max(floor, runner.num_blocks // 2))
+            shrinks += 1
 
     @staticmethod
     def _groups(prompts, seeds, params) -> list[Group]:

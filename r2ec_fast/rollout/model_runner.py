@@ -131,6 +131,10 @@ class ModelRunner:
                                   [torch.zeros(shape, device=dev, dtype=dt)
                                    for _ in range(self.num_layers)], backend=self.backend)
 
+    def resize(self, num_blocks: int) -> None:
+        """A smaller cache than the one asked for at construction (before `allocate`)."""
+        self.num_blocks = self.spare_block = num_blocks
+
     def release(self) -> None:
         self.cache = None
         self.graphs = None  # they hold the cache's addresses

@@ -14,7 +14,7 @@ import torch
 
 from r2ec_fast.ops import catalog_log_prob, in_batch_log_prob, recpo_token_loss, score_catalog
 from r2ec_fast.rollout.hf import Trajectory
-from r2ec_fast.train.recpo import fused_reward, item_loss, relabel_item_advantages
+from r2ec_fast.train.recpo import fused_reward, item_loss
 
 
 @dataclass
@@ -86,15 +86,17 @@ class StepLoss:
     clip_frac: torch.Tensor
 
 
-def step_losses(model, h, token_hidden, batch: TrajectoryBatch, advantages, group_size: int,
-                targets, exclude, item_h, recpo, temperature: float, token_weight: float,
-                item_weight: float, users_total: int, tokens_total: int,
-                label_offset: int = 0) -> StepLoss:
-    """Token loss + item loss of one (micro-)batch, scaled so that summing over micro-batches
-    (and over ranks) gives the mean over all `tokens_total` reasoning tokens and all
-    `users_total` x G trajectories of the step. In-batch: `item_h` holds the targets of every
-    user the softmax runs over (every rank's, data-parallel), this batch's user u's target at
-    row `label_offset + u`."""
+def step_losses(model, h, token_hidden, batch: TrajectoryBatch, advantages, item_advantages,
+                targets, exclude, item_h, item_labels, recpo, temperature: float,
+                token_weight: float, item_weight: float, users_total: int,
+                trajectories_total: int, tokens_total: int) -> StepLoss:
+    """Token loss + item loss of a piece of the step's trajectories, scaled so that summing over
+    pieces (and over ranks) gives the mean over all `tokens_total` reasoning tokens and all
+    `trajectories_total` trajectories of the step (`users_total` users: the reference's token
+    normalisation). Every term is per token or per trajectory, so
+    the pieces may cut groups anywhere: `item_advantages` (`relabel_item_advantages` of the whole
+    groups) come in already relabelled. In-batch: `item_h` holds the targets the softmax runs
+    over (its micro-batch's, every rank's), row `item_labels[i]` trajectory i's target."""
     dev = h.device
     zero = torch.zeros((), device=dev)
     token_loss = clip = zero
@@ -109,25 +111,19 @@ def step_losses(model, h, token_hidden, batch: TrajectoryBatch, advantages, grou
         if recpo.token_loss_normalize == "reference":
             token_loss = token_loss / users_total
         clip = out.clip_frac
-    item_adv = relabel_item_advantages(advantages, group_size, recpo.relabel_topk)
     if recpo.item_loss == "in_batch":
-        users = h.shape[0] // group_size
-        labels = torch.arange(label_offset, label_offset + users, device=dev
-                              ).repeat_interleave(group_size)
-        logp = in_batch_log_prob(h, item_h, labels, temperature=recpo.sim_temperature)
+        logp = in_batch_log_prob(h, item_h, item_labels, temperature=recpo.sim_temperature)
     else:
         logp = catalog_log_prob(h, model.item_table, targets, exclude=exclude,
                                 temperature=recpo.sim_temperature)
-    loss_item, _ = item_loss(logp, None, item_adv, recpo.eps_low, recpo.eps_high)
-    loss_item = loss_item * (h.shape[0] / (users_total * group_size))
+    loss_item, _ = item_loss(logp, None, item_advantages, recpo.eps_low, recpo.eps_high)
+    loss_item = loss_item * (h.shape[0] / trajectories_total)
     loss = token_weight * token_loss + item_weight * loss_item
     return StepLoss(loss, token_loss.detach(), loss_item.detach(), clip)
 
 
-def contrastive_loss(h, item_h, users_total: int, temperature: float,
-                     label_offset: int = 0) -> torch.Tensor:
+def contrastive_loss(h, item_h, labels, users_total: int, temperature: float) -> torch.Tensor:
     """The "w/o reasoning" variant: -log softmax of each user's target over the batch's
-    targets (user u's at row `label_offset + u` of item_h), from the prompt's final state;
-    scaled for micro-batch (and rank) accumulation."""
-    labels = torch.arange(label_offset, label_offset + h.shape[0], device=h.device)
+    targets (user i's at row `labels[i]` of item_h), from the prompt's final state; scaled for
+    piece (and rank) accumulation."""
     return -in_batch_log_prob(h, item_h, labels, temperature=temperature).sum() / users_total

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from r2ec_fast.train.config import ConfigError, TrainConfig
+from r2ec_fast.train.oom import OutOfMemoryInStep, free_memory, halved, is_out_of_memory, pieces
 from r2ec_fast.train.distributed import (
     DistContext, clip_grad_norm_, encode_items_sharded, full_state, init_distributed,
     parallelize, sharded_loaders, weighted_means,
@@ -167,6 +168,11 @@ class Trainer:
         self.eval_logger = MetricsLogger(self.run_dir, filename=EVAL_FILE)
         self.timer = PhaseTimer()
         self.phase_seconds: dict[str, float] = {}  # totals over this process's life
+        # piece sizes after an out-of-memory error (None: no limit), kept for later steps
+        self.max_rollout_users: int | None = None
+        self.max_trajectories: int | None = None
+        self._oom_events: list[str] = []
+        self._phase = "forward"
         if resume and self._resume():
             return
         self.refresh_table()
@@ -201,8 +207,15 @@ class Trainer:
                 self.epoch, self.position = self.epoch + 1, 0
         return rows
 
-    def _items_hidden(self, item_ids: list[int]) -> torch.Tensor:
-        """Encodings [b, d] of the given items' prompts, with gradient (one padded pass)."""
+    def _items_hidden(self, item_ids: list[int], piece: int | None = None) -> torch.Tensor:
+        """Encodings [b, d] of the given items' prompts, with gradient: one padded pass, or
+        passes of `piece` items that keep only their inputs and recompute in the backward
+        (activation checkpointing; after an out-of-memory error)."""
+        if piece is not None and piece < len(item_ids) and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return torch.cat([checkpoint(self._items_hidden, item_ids[a:z], use_reentrant=False)
+                              for a, z in pieces(0, len(item_ids), piece)])
         seqs = [self.item_ids[i - 1] for i in item_ids]
         width = max(len(s) for s in seqs)
         pad = self.model.tokenizer.pad_token_id
@@ -225,85 +238,38 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def train_step(self) -> dict:
-        from r2ec_fast.train.recpo import group_advantages
-        from r2ec_fast.train.step import (
-            contrastive_loss, exclusion, policy_forward, rewards, step_losses, trajectory_batch,
-        )
+        """One step (see the module docstring). Out of memory in any phase is answered by
+        halving that phase's pieces and doing it again (`oom.py`): nothing is skipped."""
+        from r2ec_fast.train.step import exclusion
 
         cfg, dev, world = self.config, self.device, self.dist
         # contrastive: the variant itself, or the warm start of a RecPO run
         warm = cfg.algo == "contrastive" or self.step < cfg.warm_start_steps
         G = 1 if warm else self.group_size
-        rollout = self.no_reasoning if warm else self.rollout
-        train = self.data["train"]
         rows_all = self.next_users()  # the global batch: the same list on every rank
-        B = len(rows_all)
-        mine = world.split(B)
+        B, mine = len(rows_all), world.split(len(rows_all))
         rows = rows_all[mine]  # this rank's users
-        b = len(rows)
-        targets_all = torch.as_tensor(train.item_id[rows_all], device=dev)  # [B]
-        targets_u = targets_all[mine]  # [b]
-        targets = targets_u.repeat_interleave(G)  # [b G]
+        targets_all = torch.as_tensor(self.data["train"].item_id[rows_all], device=dev)  # [B]
         exclude = exclusion(self.histories["train"][rows].to(dev)).repeat_interleave(G, 0)
+        self._oom_events = []
         with self.timer("rollout"), self.plan.gathered():
-            trajs = rollout.sample(self.user_prompt_ids("train", rows),
-                                        [user_seed(cfg.seed, self.step, r) for r in rows], G)
-        pad = self.model.tokenizer.pad_token_id
-        micro = min(cfg.optim.micro_batch_users or b, b)
-        chunks = [(lo, min(lo + micro, b)) for lo in range(0, b, micro)]
+            trajs = self._rollout(self.no_reasoning if warm else self.rollout, rows, G)
         tokens_total = world.sum_int(sum(t.sampled for t in trajs))  # every rank's tokens
-        self.model.train()
-        cached = None
-        with self.timer("forward_backward"):
-            if len(chunks) == 1:
-                batch = trajectory_batch(trajs, pad, dev)
-                cached = (batch, *policy_forward(self.model, batch))
-                h_all = cached[1].detach()
-            else:
-                with torch.no_grad():
-                    h_all = torch.cat([policy_forward(self.model, trajectory_batch(
-                        trajs[lo * G:hi * G], pad, dev))[0] for lo, hi in chunks])
-        with self.timer("scoring"):
-            reward, ndcg, rc, _ = rewards(h_all.float(), self.model.item_table, targets, exclude,
-                                          cfg.recpo.sim_temperature, cfg.recpo.ndcg_k,
-                                          cfg.recpo.beta)
-            adv = group_advantages(reward, G, cfg.recpo.advantage)
-        token_loss = item_loss = clip_frac = 0.0
-        fresh, fresh_ids = [], []
-        need_items = warm or cfg.recpo.item_loss == "in_batch"
-        with self.timer("forward_backward"):
-            for lo, hi in chunks:
-                if cached is None:
-                    batch = trajectory_batch(trajs[lo * G:hi * G], pad, dev)
-                    h, token_hidden = policy_forward(self.model, batch)
-                else:
-                    batch, h, token_hidden = cached
-                item_h, offset = None, 0
-                if need_items:  # the chunk's targets on every rank: in-batch negatives
-                    item_h = world.gather_rows(self._items_hidden(targets_u[lo:hi].tolist()))
-                    offset = world.rank * (hi - lo)  # where this rank's targets are in item_h
-                if warm:
-                    loss = contrastive_loss(h.float(), item_h.float(), B,
-                                            cfg.recpo.sim_temperature, offset)
-                    item_loss += loss.item()
-                else:
-                    self.plan.gather_head()  # the token loss reads the lm_head weight
-                    parts = step_losses(
-                        self.model, h.float(), token_hidden, batch, adv[lo * G:hi * G], G,
-                        targets[lo * G:hi * G], exclude[lo * G:hi * G],
-                        None if item_h is None else item_h.float(), cfg.recpo,
-                        cfg.rollout.temperature, 1.0, cfg.recpo.item_loss_weight, B,
-                        tokens_total, offset)
-                    loss = parts.loss
-                    token_loss += parts.token_loss.item()
-                    item_loss += parts.item_loss.item()
-                    clip_frac += parts.clip_frac.item() * batch.token_ids.numel() / max(
-                        1, tokens_total)
-                loss.backward()
-                if item_h is not None:
-                    fresh.append(item_h.detach())
-                    fresh_ids.append(targets_all.view(world.world_size, b)[:, lo:hi].reshape(-1))
-        token_loss, item_loss, clip_frac = world.sum_floats([token_loss, item_loss, clip_frac])
+        while True:
+            try:
+                out = self._update(trajs, G, B, warm, targets_all, mine, exclude, tokens_total)
+                break
+            except Exception as exc:  # only out-of-memory is retried; the rest propagates
+                if not is_out_of_memory(exc):
+                    raise
+                micro = cfg.optim.micro_batch_users or len(rows)
+                size = self.max_trajectories or min(micro, len(rows)) * G  # the failed pieces
+                self._out_of_memory(exc, self._phase, size, "trajectory")
+            self.optimizer.zero_grad(set_to_none=True)  # the failed attempt's partial sums
+            free_memory()
+            self.max_trajectories = halved(size)
+        reward, ndcg, rc, adv, sums, fresh, fresh_ids = out
+        token_loss, item_loss, clip_frac = world.sum_floats(sums)
         with self.timer("optimizer"):
             params = [p for p in self.model.lm.parameters() if p.requires_grad]
             grad_norm = clip_grad_norm_(params, cfg.optim.grad_clip or math.inf).item()
@@ -319,17 +285,148 @@ class Trainer:
                 ids, hidden = torch.cat(fresh_ids), torch.cat(fresh)
             else:
                 ids = targets_all
-                hidden = world.gather_cat(self._encode_no_grad(targets_u.tolist()))
+                hidden = world.gather_cat(self._encode_no_grad(targets_all[mine].tolist()))
             self.model.refresh_rows(ids, hidden.float())  # the same rows on every rank
         self.step += 1
         reward, ndcg, rc, adv = (world.gather_cat(x) for x in (reward, ndcg, rc, adv))
-        return {"loss": total, "token_loss": token_loss, "item_loss": item_loss,
-                "clip_frac": clip_frac, "reward_mean": reward.mean().item(),
-                "reward_std": reward.std().item() if reward.numel() > 1 else 0.0,
-                "ndcg": ndcg.mean().item(), "rc": rc.mean().item(),
-                "advantage_abs": adv.abs().mean().item(), "grad_norm": grad_norm,
-                "reasoning_len": tokens_total / (B * G),
-                "lr": self.scheduler.get_last_lr()[0]}
+        metrics = {"loss": total, "token_loss": token_loss, "item_loss": item_loss,
+                   "clip_frac": clip_frac, "reward_mean": reward.mean().item(),
+                   "reward_std": reward.std().item() if reward.numel() > 1 else 0.0,
+                   "ndcg": ndcg.mean().item(), "rc": rc.mean().item(),
+                   "advantage_abs": adv.abs().mean().item(), "grad_norm": grad_norm,
+                   "reasoning_len": tokens_total / (B * G),
+                   "lr": self.scheduler.get_last_lr()[0], "oom_retries": len(self._oom_events)}
+        if self._oom_events:
+            metrics["oom_phases"] = ",".join(self._oom_events)
+        for key, size in (("rollout_users_per_call", self.max_rollout_users),
+                          ("trajectories_per_piece", self.max_trajectories)):
+            if size is not None:  # sizes in force since an out-of-memory error
+                metrics[key] = size
+        return metrics
+
+    def _out_of_memory(self, exc: BaseException, phase: str, size: int, unit: str) -> None:
+        """Record an out-of-memory error in `phase` at pieces of `size`; raise when it cannot
+        be split further (or under torchrun, where the ranks would disagree on collectives)."""
+        what = f"step {self.step}: out of memory in the {phase} at {size} {unit}(s) a piece"
+        if self.dist.enabled:
+            raise OutOfMemoryInStep(
+                f"{what} on rank {self.dist.rank}; a torchrun job does not retry (its ranks "
+                "would disagree on FSDP's collectives): lower optim.micro_batch_users, "
+                "rollout.kv_budget or rollout.max_new_tokens") from exc
+        if size <= 1:
+            raise OutOfMemoryInStep(f"{what}: nothing left to split; lower "
+                                    "rollout.max_new_tokens or use a smaller model") from exc
+        self._oom_events.append(f"{phase}:{size}->{halved(size)}")
+        if self.progress:
+            tqdm.write(f"[r2ec-fast] {what}: retrying at {halved(size)}")
+
+    def _rollout(self, rollout, rows: list[int], G: int):
+        """G trajectories per user, in calls of at most `max_rollout_users` users (halved after
+        an out-of-memory error; rollouts are seeded per (step, user), so the split changes
+        nothing)."""
+        prompts = self.user_prompt_ids("train", rows)
+        seeds = [user_seed(self.config.seed, self.step, r) for r in rows]
+        trajs, start = [], 0
+        while start < len(rows):
+            size = min(self.max_rollout_users or len(rows), len(rows) - start)
+            try:
+                trajs += rollout.sample(prompts[start:start + size], seeds[start:start + size], G)
+                start += size
+                continue
+            except Exception as exc:  # only out-of-memory is retried; the rest propagates
+                if not is_out_of_memory(exc):
+                    raise
+                self._out_of_memory(exc, "rollout", size, "user")
+            free_memory()
+            self.max_rollout_users = halved(size)
+        return trajs
+
+    def _update(self, trajs, G: int, B: int, warm: bool, targets_all, mine, exclude,
+                tokens_total: int):
+        """The step after its rollout, in pieces of at most `max_trajectories` trajectories
+        (None: each micro-batch at once): the answer states without gradient, the rewards and
+        advantages, then per micro-batch its losses and backward. In-batch, a micro-batch's
+        targets are encoded once with gradient and its pieces read a detached copy (`leaf`);
+        their gradients for it go back through the encodings once, after the last piece, so
+        that a piece sees every target of its micro-batch whatever its size. Returns (reward,
+        ndcg, rc, adv [N], [token loss, item loss, clip fraction], fresh encodings, their ids).
+        """
+        from r2ec_fast.train.recpo import group_advantages, relabel_item_advantages
+        from r2ec_fast.train.step import (
+            contrastive_loss, policy_forward, rewards, step_losses, trajectory_batch,
+        )
+
+        cfg, dev, world, rc_cfg = self.config, self.device, self.dist, self.config.recpo
+        pad, N, cap = self.model.tokenizer.pad_token_id, len(trajs), self.max_trajectories
+        b = N // G  # this rank's users
+        targets_u = targets_all[mine]  # [b]
+        targets = targets_u.repeat_interleave(G)  # [b G]
+        micro = min(cfg.optim.micro_batch_users or b, b)
+        chunks = [(lo, min(lo + micro, b)) for lo in range(0, b, micro)]  # users
+        self.model.train()
+        cached = None
+        with self.timer("forward_backward"):
+            self._phase = "forward"
+            if len(chunks) == 1 and (cap is None or cap >= N):  # one pass serves both uses
+                batch = trajectory_batch(trajs, pad, dev)
+                cached = (batch, *policy_forward(self.model, batch))
+                h_all = cached[1].detach()
+            else:
+                with torch.no_grad():
+                    h_all = torch.cat([policy_forward(self.model, trajectory_batch(
+                        trajs[a:z], pad, dev))[0] for a, z in pieces(0, N, cap)])
+        with self.timer("scoring"):
+            self._phase = "scoring"
+            scored = [rewards(h_all[a:z].float(), self.model.item_table, targets[a:z],
+                              exclude[a:z], rc_cfg.sim_temperature, rc_cfg.ndcg_k, rc_cfg.beta)
+                      for a, z in pieces(0, N, cap)]
+            reward, ndcg, rc = (torch.cat(x) for x in list(zip(*scored))[:3])
+            adv = group_advantages(reward, G, rc_cfg.advantage)
+            item_adv = relabel_item_advantages(adv, G, rc_cfg.relabel_topk)
+        sums = [0.0, 0.0, 0.0]  # token loss, item loss, clip fraction
+        fresh, fresh_ids = [], []
+        need_items = warm or rc_cfg.item_loss == "in_batch"
+        with self.timer("forward_backward"):
+            for lo, hi in chunks:
+                items = leaf = None
+                if need_items:  # the chunk's targets on every rank: in-batch negatives
+                    self._phase = "item encoding"
+                    items = world.gather_rows(self._items_hidden(targets_u[lo:hi].tolist(), cap))
+                    leaf = items.detach().requires_grad_()
+                for a, z in pieces(lo * G, hi * G, cap):
+                    self._phase = "forward"
+                    if cached is not None:
+                        batch, h, token_hidden = cached
+                    else:
+                        batch = trajectory_batch(trajs[a:z], pad, dev)
+                        h, token_hidden = policy_forward(self.model, batch)
+                    # where each trajectory's target is in `items` (this rank's block of rows)
+                    labels = world.rank * (hi - lo) + torch.arange(a, z, device=dev) // G - lo
+                    if warm:
+                        loss = contrastive_loss(h.float(), leaf.float(), labels, B,
+                                                rc_cfg.sim_temperature)
+                        sums[1] += loss.item()
+                    else:
+                        self.plan.gather_head()  # the token loss reads the lm_head weight
+                        parts = step_losses(
+                            self.model, h.float(), token_hidden, batch, adv[a:z], item_adv[a:z],
+                            targets[a:z], exclude[a:z], None if leaf is None else leaf.float(),
+                            labels, rc_cfg, cfg.rollout.temperature, 1.0,
+                            rc_cfg.item_loss_weight, B, B * G, tokens_total)
+                        loss = parts.loss
+                        sums[0] += parts.token_loss.item()
+                        sums[1] += parts.item_loss.item()
+                        sums[2] += parts.clip_frac.item() * batch.token_ids.numel() / max(
+                            1, tokens_total)
+                    self._phase = "backward"
+                    loss.backward()
+                if items is not None:
+                    self._phase = "backward"
+                    if leaf.grad is not None:
+                        items.backward(leaf.grad)
+                    fresh.append(items.detach())
+                    fresh_ids.append(targets_all.view(world.world_size, b)[:, lo:hi].reshape(-1))
+        return reward, ndcg, rc, adv, sums, fresh, fresh_ids
 
     @torch.no_grad()
     def _encode_no_grad(self, item_ids: list[int]) -> torch.Tensor:

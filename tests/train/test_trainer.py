@@ -79,6 +79,7 @@ def test_one_full_step(root, engine):
 def test_loss_pieces_equal_a_float64_restatement(root):
     """step_losses on real tensors of one step vs DESIGN §5 written out in float64."""
     from r2ec_fast.train.config import RecPOConfig
+    from r2ec_fast.train.recpo import relabel_item_advantages
     from r2ec_fast.train.step import policy_forward, step_losses, trajectory_batch
     from r2ec_fast.train.trainer import Trainer, user_seed
 
@@ -96,8 +97,10 @@ def test_loss_pieces_equal_a_float64_restatement(root):
     recpo = RecPOConfig(relabel_topk=1)
     h32, th32, ih32 = (x.detach().float().clone().requires_grad_()
                        for x in (h, token_hidden, item_h))
-    out = step_losses(trainer.model, h32, th32, batch, adv, G, None, None, ih32, recpo,
-                      2.0, 1.0, 1.0, B, batch.token_ids.numel())
+    item_adv = relabel_item_advantages(adv, G, recpo.relabel_topk)
+    labels = torch.arange(B).repeat_interleave(G)
+    out = step_losses(trainer.model, h32, th32, batch, adv, item_adv, None, None, ih32, labels,
+                      recpo, 2.0, 1.0, 1.0, B, B * G, batch.token_ids.numel())
     out.loss.backward()
     # float64: token loss = mean over sampled tokens of -A * r (r = 1, on-policy) with logp
     # under softcap 30 and temperature 2; item loss = mean over trajectories of -A_item * r
