@@ -17,7 +17,8 @@ def _run_make_tiny_model(args: argparse.Namespace) -> int:
                               num_layers=args.layers, seed=args.seed)
         from transformers import AutoTokenizer
 
-        num_tokens = len(AutoTokenizer.from_pretrained(out, local_files_only=True))
+        num_tokens = len(AutoTokenizer.from_pretrained(out, local_files_only=True,
+                                                       trust_remote_code=False))
     except (ValueError, ImportError, OSError) as exc:
         print(f"r2ec-fast make-tiny-model: {exc}", file=sys.stderr)
         return 2

@@ -9,8 +9,15 @@ from pathlib import Path
 
 def _config(args):
     from r2ec_fast.train.config import apply_overrides, get_preset, load_config
+    from r2ec_fast.train.run_dir import CONFIG_FILE
 
-    base = load_config(args.config) if args.config else get_preset(args.preset or "tiny")
+    own = Path(args.out) / CONFIG_FILE
+    if args.config:
+        base = load_config(args.config)
+    elif args.preset is None and args.resume and own.is_file():
+        base = load_config(own)  # --resume alone continues the run with its own config
+    else:
+        base = get_preset(args.preset or "tiny")
     config = apply_overrides(base, args.set or [])
     if getattr(args, "max_steps", None) is not None:
         config = apply_overrides(config, [f"max_steps={args.max_steps}"])
@@ -50,19 +57,28 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, dist) -> int:
     from r2ec_fast.eval.evaluate import format_table
-    from r2ec_fast.train.config import ConfigError
+    from r2ec_fast.train.run_dir import RunDirError, check_run_dir, remove_unstarted_run
     from r2ec_fast.train.trainer import Trainer
 
     say = print if dist.is_main else (lambda *a, **k: None)
     try:
-        config = _config(args)
         out = Path(args.out)
-        if out.exists() and any(out.iterdir()) and not args.resume:
-            raise ConfigError(f"--out {out} is not empty: pass --resume to continue that run, "
-                              "or choose a new folder")
+        config = _config(args)
+        if out.exists() and not out.is_dir():
+            raise RunDirError(f"--out {out} is a file, not a folder")
+        new = not out.exists() or not any(out.iterdir())
+        if not new and not args.resume:
+            raise RunDirError(f"--out {out} is not empty: pass --resume to continue that run "
+                              "(with the same config), or choose a new folder")
+        check_run_dir(config, out, resume=args.resume, what="--out")
         dist.barrier()  # every rank has looked at --out before rank 0 writes there
-        trainer = Trainer(config, out, resume=args.resume, progress=not args.no_progress,
-                          dist=dist)
+        try:
+            trainer = Trainer(config, out, resume=args.resume, progress=not args.no_progress,
+                              dist=dist)
+        except BaseException:
+            if new and dist.is_main:  # a run that never started leaves no folder behind
+                remove_unstarted_run(out)
+            raise
     except (ValueError, ImportError, OSError) as exc:
         print(f"r2ec-fast train{_rank(dist)}: {exc}", file=sys.stderr)
         return 2
@@ -93,6 +109,14 @@ def add_train(subparsers) -> None:
             "data and the tiny model first when the config says so and they are missing.\n"
             "Writes config.json, metrics.jsonl (one line per step), eval.jsonl and\n"
             "checkpoints/ to --out; evaluates before and after and prints the table.\n"
+            "--out must be new or empty, unless --resume continues the run it holds: then\n"
+            "the config must be that run's (only max_steps, eval_every, save_every,\n"
+            "keep_checkpoints, data.eval_users and data.eval_split may change); without\n"
+            "--config/--preset, --resume takes DIR/config.json. Nothing overwrites a run:\n"
+            "delete the folder or choose another. A run whose set-up fails (data, model,\n"
+            "checkpoint) leaves no new folder behind.\n"
+            "A model folder that needs its own Python (auto_map) is refused unless\n"
+            "--set model.trust_remote_code=true.\n"
             "Data-parallel on N processes (FSDP2; gloo on CPU, nccl on CUDA):\n"
             "  torchrun --nproc_per_node N -m r2ec_fast.cli train ...\n"
             "optim.users_per_step is the global batch: a multiple of N."),
@@ -109,11 +133,13 @@ def add_train(subparsers) -> None:
                         help="a built-in config (default: tiny)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=2e-5 (repeatable)")
-    p.add_argument("--out", required=True, metavar="DIR", help="the run folder")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the run folder: new or empty, or a run to --resume")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="train until step N (overrides the config's max_steps)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the run folder's latest checkpoint")
+                   help="continue the run in --out from its latest checkpoint, with its config "
+                        "(default: DIR/config.json; a different config is refused)")
     p.add_argument("--eval-split", choices=["train", "valid", "test"], default=None,
                    help="split of the before/after evaluation (default: the config's)")
     p.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
@@ -146,7 +172,8 @@ def _eval(args: argparse.Namespace, dist) -> int:
         config = load_config(run / "config.json")
         if args.users is not None:
             config = apply_overrides(config, [f"data.eval_users={args.users}"])
-        trainer = Trainer(config, run, resume=True, progress=not args.no_progress, dist=dist)
+        trainer = Trainer(config, run, resume=True, progress=not args.no_progress, dist=dist,
+                          write_config=False)  # an evaluation leaves the run as it was
         if trainer.step == 0:
             say(f"r2ec-fast eval: {run} has no checkpoint; evaluating the initial model",
                 file=sys.stderr)

@@ -7,8 +7,8 @@ In memory (`RecDataset`): item fields in arrays indexed by item id (row 0 = padd
 split the histories as one flat id array with offsets, so that a split of a million
 interactions is a handful of numpy arrays rather than a million Python lists.
 
-Loading validates everything first and raises `DatasetError` naming the split, row and column
-of the first problem; nothing half-loaded is ever returned.
+Loading validates everything first and raises `DatasetError` naming the folder, split, row
+and column of the first problem (or the damaged file); nothing half-loaded is ever returned.
 """
 from __future__ import annotations
 
@@ -120,7 +120,15 @@ def _columns(table, split: str, needed) -> dict:
     if missing:
         raise DatasetError(f"split {split!r} lacks column(s) {missing}; it has "
                            f"{table.column_names}")
+    if table.num_rows == 0:  # (and `datasets` cannot even convert an empty table to lists)
+        raise DatasetError(_no_rows(split))
     return table.select_columns(list(needed)).to_dict()  # plain lists, one pass over arrow
+
+
+def _no_rows(split: str) -> str:
+    return f"split {split!r} has no rows (" + (
+        "the catalog is empty)" if split == ITEM_SPLIT else "every split needs at least one "
+        "interaction: training draws from train, evaluation reads valid and test)")
 
 
 def _items_from_columns(cols: dict, categories) -> ItemCatalog:
@@ -130,10 +138,11 @@ def _items_from_columns(cols: dict, categories) -> ItemCatalog:
     for row, item in enumerate(ids):
         if not isinstance(item, (int, np.integer)) or not 1 <= item <= n:
             raise DatasetError(f"split 'item_info' row {row} column 'item_id': {item!r} is not "
-                               f"an id in 1..{n} (ids start at 1, 0 is padding, no gaps)")
+                               f"an id in 1..{n} (ids start at 1, 0 is padding, no gaps"
+                               f"{_missing_ids(ids, n)})")
         if seen[item]:
             raise DatasetError(f"split 'item_info' row {row} column 'item_id': id {item} "
-                               "appears twice")
+                               f"appears twice (ids are 1..{n}, each once{_missing_ids(ids, n)})")
         seen[item] = True
     title, desc = [""] * (n + 1), [""] * (n + 1)
     cats = [""] * (n + 1)
@@ -149,6 +158,16 @@ def _items_from_columns(cols: dict, categories) -> ItemCatalog:
             c = categories[row]
             cats[item] = " > ".join(c) if isinstance(c, (list, tuple)) else str(c or "")
     return ItemCatalog(title, desc, avg, num, cats)
+
+
+def _missing_ids(ids, n: int) -> str:
+    """"; missing: [3, 7]": the ids of 1..n that `ids` lacks (the first few), for the error
+    of a catalog whose ids skip."""
+    missing = sorted(set(range(1, n + 1)) - {i for i in ids if isinstance(i, (int, np.integer))})
+    if not missing:
+        return ""
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    return f"; missing: {missing[:5]}{more}"
 
 
 def _split_from_columns(name: str, cols: dict, num_items: int) -> Split:
@@ -207,25 +226,63 @@ def load_dataset(path: str | Path, splits=SPLITS) -> RecDataset:
         raise DatasetError(f"{path} is not a folder (expected a DatasetDict saved with "
                            "save_to_disk)")
     datasets = _require_datasets()
+    meta = {}
+    if (path / META_FILE).is_file():
+        meta = _read_json(path / META_FILE)
     try:
         dd = datasets.load_from_disk(str(path))
     except FileNotFoundError as exc:
         raise DatasetError(f"{path} is not a saved DatasetDict: {exc}") from exc
+    except (ValueError, OSError, IndexError) as exc:  # a damaged JSON or arrow file; or an
+        raise _damage(path, exc) from exc  # empty split, which `datasets` saves but cannot load
     if not isinstance(dd, datasets.DatasetDict):
         raise DatasetError(f"{path} holds one Dataset, not a DatasetDict with splits")
     for split in (ITEM_SPLIT, *splits):
         if split not in dd:
             raise DatasetError(f"{path} lacks the split {split!r}; it has {sorted(dd)}")
-    info = dd[ITEM_SPLIT]
-    cat_col = next((c for c in ("main_category", "categories") if c in info.column_names), None)
-    cats = info.select_columns([cat_col]).to_dict()[cat_col] if cat_col else None
-    items = _items_from_columns(_columns(info, ITEM_SPLIT, ITEM_COLUMNS), cats)
-    loaded = {s: _split_from_columns(s, _columns(dd[s], s, INTERACTION_COLUMNS), items.num_items)
-              for s in splits}
-    meta = {}
-    if (path / META_FILE).is_file():
-        meta = json.loads((path / META_FILE).read_text())
+    try:
+        info = dd[ITEM_SPLIT]
+        cat_col = next((c for c in ("main_category", "categories") if c in info.column_names),
+                       None)
+        cats = info.select_columns([cat_col]).to_dict()[cat_col] if cat_col else None
+        items = _items_from_columns(_columns(info, ITEM_SPLIT, ITEM_COLUMNS), cats)
+        loaded = {s: _split_from_columns(s, _columns(dd[s], s, INTERACTION_COLUMNS),
+                                         items.num_items) for s in splits}
+    except DatasetError as exc:
+        raise DatasetError(f"{path}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path / META_FILE} must hold a JSON object, got "
+                           f"{type(meta).__name__}")
     return RecDataset(items, loaded, category=meta.get("category", ""), meta=meta)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path} is not valid JSON ({exc}): the dataset folder is damaged; "
+                           "write it again (r2ec-fast synth-data / prepare-data)") from None
+
+
+def _damage(path: Path, exc: Exception) -> DatasetError:
+    """The error for a DatasetDict folder that `datasets` could not read: the first JSON file
+    that does not parse, else the first split folder that does not load."""
+    import datasets
+
+    for file in [path / "dataset_dict.json", *sorted(path.glob("*/state.json")),
+                 *sorted(path.glob("*/dataset_info.json"))]:
+        if file.is_file():
+            _read_json(file)  # raises, naming the file
+    for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+        state = folder / "state.json"
+        if state.is_file() and _read_json(state).get("_data_files") == []:
+            return DatasetError(f"{path}: {_no_rows(folder.name)}")  # saved with 0 rows
+        try:
+            datasets.load_from_disk(str(folder))
+        except (ValueError, OSError) as split_exc:  # pyarrow's ArrowInvalid is a ValueError
+            return DatasetError(f"split folder {folder} could not be read ({split_exc}): a file "
+                                "in it is truncated or corrupt; write the dataset again")
+    return DatasetError(f"{path} could not be read as a saved DatasetDict ({exc})")
 
 
 # ----------------------------------------------------------------------------- writing

@@ -8,10 +8,14 @@
 The HF model is wrapped, never re-implemented: `last_hidden` runs its inner decoder (embeddings,
 layers, final norm) and skips the lm_head, whose [B, L, Vocab] logits are what the fused ops
 exist to avoid. Any architecture that `AutoModelForCausalLM` loads works; Gemma-2 and Qwen-2
-are the tested ones.
+are the tested ones. Every loader gets `trust_remote_code` explicitly (default False), so
+transformers never runs a folder's own Python by itself, nor asks about it on the terminal: a
+folder whose config needs its code (an `auto_map` for a model type transformers has no class
+for) is refused, naming the file and `--set model.trust_remote_code=true`.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -38,7 +42,55 @@ def hf_dtype_kwarg() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
-def _check_checkpoint(path: Path):
+REMOTE_CODE_FLAG = "--set model.trust_remote_code=true"
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON ({exc}): the model folder is damaged; "
+                         "fetch it again") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(values).__name__}")
+    return values
+
+
+def _check_files(path: Path) -> None:
+    """Before transformers reads anything: the JSON files parse and every safetensors file's
+    header is whole (a copy cut short shows up here, naming the file, instead of as a bare
+    SafetensorError from inside HF)."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in ("config.json", "tokenizer_config.json"):
+        if (path / name).is_file():
+            _read_json(path / name)
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                f.keys()
+        except SafetensorError as exc:
+            raise ValueError(f"{file} is truncated or corrupt (safetensors: {exc}); fetch the "
+                             "model again") from exc
+
+
+def _remote_code_error(file: Path, exc: ValueError) -> ValueError:
+    """transformers' refusal (with trust_remote_code=False it raises, never asks and never
+    runs the code) as a message that names the file and the option."""
+    auto_map = _read_json(file).get("auto_map") if file.is_file() else None
+    return ValueError(
+        f"{file} needs custom code to load (auto_map: {auto_map}); r2ec-fast does not run "
+        "Python from a model folder unless trust_remote_code is on: read that code, then pass "
+        f"{REMOTE_CODE_FLAG} (DualHeadModel.from_pretrained(trust_remote_code=...)), or use a "
+        f"folder that plain transformers loads (transformers: {str(exc).splitlines()[0]})")
+
+
+def _needs_remote_code(exc: Exception, trust_remote_code: bool) -> bool:
+    return not trust_remote_code and isinstance(exc, ValueError) and \
+        "trust_remote_code" in str(exc)
+
+
+def _check_checkpoint(path: Path, trust_remote_code: bool = False):
     """The folder's config, after checking that it is there and describes a decoder-only
     causal LM; errors say what was found instead."""
     from transformers import AutoConfig
@@ -51,12 +103,18 @@ def _check_checkpoint(path: Path):
             "`r2ec-fast make-tiny-model` writes a small random one)")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a HF model folder: it has no config.json")
+    _check_files(path)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True,
+                                            trust_remote_code=trust_remote_code)
     except ValueError as exc:
+        if _needs_remote_code(exc, trust_remote_code):
+            raise _remote_code_error(path / "config.json", exc) from exc
         raise ValueError(f"{path}/config.json is not a transformers model config: {exc}") from exc
-    if getattr(config, "is_encoder_decoder", False) or \
-            config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    custom = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None)
+                                                              or {})
+    if not custom and (getattr(config, "is_encoder_decoder", False) or
+                       config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
         raise ValueError(
             f"{path} holds a {config.model_type!r} model, which is not a decoder-only causal LM "
             "(AutoModelForCausalLM cannot load it); R2ec needs one, e.g. Gemma-2 or Qwen-2")
@@ -77,31 +135,56 @@ class DualHeadModel(nn.Module):
         self.tokenizer = tokenizer
         self.item_table = item_table
 
+    @property
+    def item_table(self) -> ItemTable | None:
+        return self.__dict__.get("_item_table")
+
+    @item_table.setter
+    def item_table(self, table: ItemTable | None) -> None:
+        """Its rows are this model's final hidden states: a table of another width (from
+        another model, or a file of another run) is refused, naming both widths."""
+        if table is not None and table.dim != self.hidden_size:
+            raise ValueError(f"{table.describe()} has width {table.dim} but the model's hidden "
+                             f"size is {self.hidden_size}: it was encoded by another model; "
+                             "re-encode the catalog with this one (encode_items)")
+        self.__dict__["_item_table"] = table
+
     # ------------------------------------------------------------------------- loading
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None,
                         item_table: ItemTable | None = None,
-                        attn_implementation: str | None = None) -> "DualHeadModel":
+                        attn_implementation: str | None = None,
+                        trust_remote_code: bool = False) -> "DualHeadModel":
         """Load a local HF checkpoint folder (never the hub: `local_files_only=True`).
 
         dtype: default bf16 on CUDA, fp32 on CPU. attn_implementation: passed to HF; None keeps
         HF's default for the architecture (transformers 5.24: eager for Gemma-2, whose model
         class declares no sdpa support because sdpa cannot apply its attention softcap; sdpa
-        for Qwen-2).
+        for Qwen-2). trust_remote_code: let a folder with an `auto_map` run its own Python
+        (off: such a folder is refused with a ValueError; HF's own default would instead ask
+        on the terminal).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(path)
-        _check_checkpoint(path)
+        trust_remote_code = bool(trust_remote_code)
+        _check_checkpoint(path, trust_remote_code)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype if dtype is not None else default_dtype(device)
-        kwargs = {hf_dtype_kwarg(): dtype, "local_files_only": True}
+        kwargs = {hf_dtype_kwarg(): dtype, "local_files_only": True,
+                  "trust_remote_code": trust_remote_code}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)  # checked first:
-        if not getattr(tokenizer, "chat_template", None):  # cheap, before loading the weights
+        try:  # the tokenizer first: it is cheap, and checked before loading the weights
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                      trust_remote_code=trust_remote_code)
+        except ValueError as exc:
+            if _needs_remote_code(exc, trust_remote_code):
+                raise _remote_code_error(path / "tokenizer_config.json", exc) from exc
+            raise
+        if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 f"the tokenizer in {path} has no chat template; R2ec prompts are rendered with "
                 "it (use an instruction-tuned checkpoint, or add `chat_template` to its "
@@ -113,9 +196,10 @@ class DualHeadModel(nn.Module):
         lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         lm.to(device)
         lm.eval()
+        model = cls(lm, tokenizer)
         if item_table is not None:
-            item_table = item_table.to(device)
-        return cls(lm, tokenizer, item_table)
+            model.item_table = item_table.to(device)  # checked against the hidden size
+        return model
 
     # ------------------------------------------------------------------------- facts
 

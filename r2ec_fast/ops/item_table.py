@@ -33,6 +33,7 @@ class ItemTable:
             raise ValueError(f"rows must be floating point, got {rows.dtype}")
         self.similarity = similarity
         self.weight = self._prepare(rows.detach(), dtype)  # [V, d]
+        self.source: Path | None = None  # the file it was loaded from, named in errors
 
     def _prepare(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.similarity == "cosine":
@@ -65,6 +66,18 @@ class ItemTable:
     def __repr__(self) -> str:
         return (f"ItemTable(num_items={self.num_items}, dim={self.dim}, dtype={self.dtype}, "
                 f"similarity={self.similarity!r}, device={self.device})")
+
+    def describe(self) -> str:
+        """"item table <file>" for a loaded table, else "an item table" (for messages)."""
+        source = getattr(self, "source", None)
+        return f"item table {source}" if source is not None else "an item table"
+
+    def check_rows(self, num_items: int, what: str) -> None:
+        """Raise ValueError unless the table has `num_items` rows; `what` names whose count
+        that is (e.g. "the catalog (500 items + padding)")."""
+        if self.num_items != num_items:
+            raise ValueError(f"{self.describe()} has {self.num_items} rows but {what} has "
+                             f"{num_items}: it was encoded for another catalog")
 
     def to(self, device: torch.device | str) -> "ItemTable":
         self.weight = self.weight.to(device)
@@ -133,10 +146,15 @@ class ItemTable:
                              f"{metadata.get('version')!r}; this r2ec-fast reads version "
                              f"{FILE_VERSION}")
         similarity = metadata.get("similarity")
-        if similarity not in SIMILARITIES or weight.dtype not in TABLE_DTYPES or weight.dim() != 2:
+        stated = (metadata.get("num_items"), metadata.get("dim"))  # as save wrote them
+        if similarity not in SIMILARITIES or weight.dtype not in TABLE_DTYPES or \
+                weight.dim() != 2 or any(s is not None and s != str(n)
+                                         for s, n in zip(stated, weight.shape)):
             raise ValueError(f"{path}: corrupt ItemTable file (similarity {similarity!r}, "
-                             f"weight {weight.dtype} of shape {tuple(weight.shape)})")
+                             f"weight {weight.dtype} of shape {tuple(weight.shape)}, metadata "
+                             f"num_items {stated[0]}, dim {stated[1]})")
         table = cls.__new__(cls)  # the rows are stored prepared: skip __init__'s normalisation
         table.similarity = similarity
         table.weight = weight.to(device) if device is not None else weight
+        table.source = path
         return table

@@ -19,7 +19,11 @@ one filesystem). The `latest` pointer is replaced the same way, after the folder
 moment therefore leaves the previous checkpoint and pointer as they were; what it leaves behind
 is only `.tmp-*` entries, which the next save removes. Old checkpoints are renamed to `.tmp-*`
 before they are deleted, so a crash mid-delete never leaves a half-deleted folder that still
-looks complete.
+looks complete. Saving a step that already has a folder (a resumed run saving its last step
+again) swaps the new folder in with one atomic exchange (Linux `renameat2(RENAME_EXCHANGE)`),
+so that the step's folder, which `latest` may name, is never missing; where the platform or the
+filesystem has no exchange, the old copy is renamed aside first, and a crash between that and
+the next rename leaves only the older checkpoints (none when `keep_last=1`).
 
 Resume::
 
@@ -34,16 +38,19 @@ plain `state_dict()`; an FSDP-sharded module must hand over a full (gathered) st
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..ops.item_table import ItemTable
@@ -61,6 +68,11 @@ SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or one of its files is missing, truncated or corrupt, or does not
+    fit what it is loaded into; the message names the file."""
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -135,6 +147,30 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`), so that
+    neither name is missing at any moment. False, with nothing moved, where the platform, the C
+    library or the filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without renameat2 (glibc < 2.28)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # an old kernel, or a filesystem without exchange
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def _discard(folder: Path) -> None:
@@ -215,13 +251,31 @@ def _names(names, limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _load_weights(path: Path, model: torch.nn.Module, adapter_only: bool,
-                  map_location) -> None:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = f.metadata() or {}
-        shapes = {name: torch.Size(f.get_slice(name).get_shape()) for name in f.keys()}
-    aliases = json.loads(metadata.get("aliases", "{}"))
-    shapes.update({alias: shapes[target] for alias, target in aliases.items()})
+_DAMAGED = ("the checkpoint is damaged (an interrupted copy, a full disk?): delete its folder "
+            "to resume from the one before it")
+
+
+def _short(exc: Exception) -> str:
+    """The first sentence of an exception from a file reader, for a one-line message (torch's
+    own advice, e.g. to load with weights_only=False, is left out on purpose)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text.split(". ")[0][:160]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _read_weights(path: Path, model: torch.nn.Module, adapter_only: bool,
+                  map_location) -> dict[str, torch.Tensor]:
+    """The weights in `path` (aliases restored), after checking every name and shape against
+    `model`; nothing is loaded into it."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            shapes = {name: torch.Size(f.get_slice(name).get_shape()) for name in f.keys()}
+        aliases = json.loads(metadata.get("aliases", "{}"))
+        shapes.update({alias: shapes[target] for alias, target in aliases.items()})
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt ({_short(exc)}); "
+                              f"{_DAMAGED}") from exc
     expected = _expected_weights(model, adapter_only)
     what = "trainable parameters" if adapter_only else "state_dict keys"
     missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()
@@ -236,10 +290,66 @@ def _load_weights(path: Path, model: torch.nn.Module, adapter_only: bool,
     if wrong:
         raise ValueError(f"{path}: {len(wrong)} tensors have another shape in the checkpoint "
                          f"than in the model (checkpoint vs model): {_names(wrong)}")
-    weights = load_file(str(path), device=str(map_location))
+    try:
+        weights = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt ({_short(exc)}); "
+                              f"{_DAMAGED}") from exc
     for alias, target in aliases.items():
         weights[alias] = weights[target]
-    model.load_state_dict(weights, strict=not adapter_only)
+    return weights
+
+
+def _load_weights(path: Path, model: torch.nn.Module, adapter_only: bool,
+                  map_location) -> None:
+    model.load_state_dict(_read_weights(path, model, adapter_only, map_location),
+                          strict=not adapter_only)
+
+
+def _read_torch(path: Path, map_location):
+    """`torch.load(weights_only=True)` of a checkpoint file; a damaged file (torch raises
+    RuntimeError, UnpicklingError, EOFError or OSError for one) is a CheckpointError."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch has no one error type for a damaged file
+        raise CheckpointError(f"{path} is truncated or corrupt ({_short(exc)}); "
+                              f"{_DAMAGED}") from exc
+
+
+def _read_state(path: Path) -> dict:
+    """trainer_state.json, checked field by field."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({_short(exc)}); {_DAMAGED}") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or \
+            meta.get("version") != CHECKPOINT_VERSION:
+        got = meta if isinstance(meta, dict) else {}
+        raise CheckpointError(f"{path} is not an r2ec-fast checkpoint of version "
+                              f"{CHECKPOINT_VERSION} (format {got.get('format')!r}, version "
+                              f"{got.get('version')!r})")
+    for key, ok, kind in (
+            ("step", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+             "a non-negative int"),
+            ("adapter_only", lambda v: isinstance(v, bool), "true or false"),
+            ("trainer_state", lambda v: isinstance(v, dict), "an object")):
+        if key not in meta:
+            raise CheckpointError(f"{path}: field {key!r} is missing; {_DAMAGED}")
+        if not ok(meta[key]):
+            raise CheckpointError(f"{path}: field {key!r} must be {kind}, got {meta[key]!r}; "
+                                  f"{_DAMAGED}")
+    return meta
+
+
+def checkpoint_item_table(loaded: dict, path: str | Path, num_items: int) -> ItemTable:
+    """The item table of a `load_checkpoint(path, ...)` result, checked for a trainer's resume:
+    present, and one row per item of the catalog (`num_items`) plus the padding row 0."""
+    table = loaded["item_table"]
+    if table is None:
+        raise CheckpointError(f"checkpoint {path} has no {ITEM_TABLE_FILE} (a trainer's "
+                              f"checkpoint always has one); {_DAMAGED}")
+    table.check_rows(num_items + 1, f"the catalog ({num_items} items + the padding row)")
+    return table
 
 
 # ----------------------------------------------------------------------------- save
@@ -256,7 +366,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
     `capture_rng()` now. optimizer may be None (no optimizer.pt). keep_last: how many complete
     checkpoints to keep, the new one included (None keeps all); checkpoints with a larger step
     than this one (an abandoned run after resuming from an older checkpoint) are removed too.
-    Saving a step that already exists replaces it.
+    Saving a step that already exists replaces it (atomically where `_exchange` can: see the
+    module's docstring).
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -296,9 +407,10 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
     _write_bytes(tmp / COMPLETE, f"{name}\n".encode())
     _fsync(tmp)
 
-    if final.exists():  # re-saving a step: the old copy goes aside, then is deleted below
-        os.replace(final, ckpt_dir / f"{TMP_PREFIX}old-{name}")
-    os.replace(tmp, final)
+    if not (final.exists() and _exchange(tmp, final)):  # exchanged: the old copy is at tmp
+        if final.exists():  # re-saving a step without exchange: the old copy goes aside
+            os.replace(final, ckpt_dir / f"{TMP_PREFIX}old-{name}")
+        os.replace(tmp, final)
     _fsync(ckpt_dir)
     _write_bytes(ckpt_dir / f"{TMP_PREFIX}{LATEST}", f"{name}\n".encode())
     os.replace(ckpt_dir / f"{TMP_PREFIX}{LATEST}", ckpt_dir / LATEST)
@@ -311,6 +423,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
         doomed += older[:max(0, len(older) - (keep_last - 1))]
     for folder in doomed:
         _discard(folder)
+    _remove(tmp)  # the old copy of a re-saved step (after an exchange), if any
     _remove(ckpt_dir / f"{TMP_PREFIX}old-{name}")
     return final
 
@@ -338,6 +451,9 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None,
 
     Weights load strictly: every state_dict key of the model (for an adapter_only checkpoint:
     every trainable parameter) must be in the checkpoint with the same shape, and nothing else.
+    Every file is read and checked before anything is loaded into `model`, `optimizer` or
+    `scheduler`, so that a truncated or corrupt file (a `CheckpointError` naming it) leaves
+    them as they were.
     """
     path = Path(path)
     if not path.is_dir():
@@ -350,28 +466,29 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None,
                          "was interrupted); use latest_checkpoint(run_dir) to find a complete one")
     for required in (STATE_FILE, MODEL_FILE, RNG_FILE):
         if not (path / required).is_file():
-            raise ValueError(f"checkpoint {path} is corrupt: {required} is missing")
-    meta = json.loads((path / STATE_FILE).read_text())
-    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path / STATE_FILE} is not an r2ec-fast checkpoint of version "
-                         f"{CHECKPOINT_VERSION} (format {meta.get('format')!r}, version "
-                         f"{meta.get('version')!r})")
+            raise CheckpointError(f"checkpoint {path} is corrupt: {path / required} is missing")
+    meta = _read_state(path / STATE_FILE)
 
-    _load_weights(path / MODEL_FILE, model, bool(meta["adapter_only"]), map_location)
+    # read everything first: a damaged file must not leave the model half-loaded
+    weights = _read_weights(path / MODEL_FILE, model, meta["adapter_only"], map_location)
+    states = []
     for obj, filename in ((optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE)):
         if obj is None:
             continue
         if not (path / filename).is_file():
             raise ValueError(f"checkpoint {path} has no {filename} (it was saved without one); "
                              f"load it without {filename.split('.')[0]}=")
-        try:
-            obj.load_state_dict(torch.load(path / filename, map_location=map_location,
-                                           weights_only=True))
-        except (ValueError, KeyError) as exc:
-            raise ValueError(f"{path / filename} does not fit the given "
-                             f"{type(obj).__name__}: {exc}") from exc
+        states.append((obj, path / filename, _read_torch(path / filename, map_location)))
     table_file = path / ITEM_TABLE_FILE
     item_table = ItemTable.load(table_file, device=map_location) if table_file.is_file() else None
-    rng = torch.load(path / RNG_FILE, map_location="cpu", weights_only=True)
+    rng = _read_torch(path / RNG_FILE, "cpu")
+
+    model.load_state_dict(weights, strict=not meta["adapter_only"])
+    for obj, file, state in states:
+        try:
+            obj.load_state_dict(state)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{file} does not fit the given {type(obj).__name__}: "
+                             f"{exc}") from exc
     return {"step": meta["step"], "trainer_state": meta["trainer_state"],
             "item_table": item_table, "rng": rng}

@@ -1,13 +1,17 @@
 """Training configuration: nested dataclasses validated up front, presets, `--set` overrides.
 
-`TrainConfig.from_dict` / `apply_overrides` reject unknown keys and bad values with a message
-that names the key (`rollout.group_size must be >= 1, got 0`). Presets are functions:
+`TrainConfig.from_dict` / `apply_overrides` reject unknown keys (suggesting the closest known
+one) and bad values with a message that names the dotted key (`rollout.group_size must be >= 1,
+got 0`); `load_config` adds the file, `apply_overrides` the `--set` item. Values from a JSON
+file must have the field's type (a string is not an integer there); `--set` values are parsed
+from their text. Presets are functions:
 `tiny` (CPU, synthetic data, a tiny model, minutes), `gemma2-2b` and `qwen2.5-3b` (the
 paper's settings, for CUDA). Defaults are the reference trainer's (DESIGN §5).
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +65,9 @@ class ModelConfig:
     lora_alpha: int = 128
     gradient_checkpointing: bool = False
     attn_implementation: str = ""  # "" = the model's default
+    # run the model folder's own Python (its config's `auto_map`)? Off: such a folder is
+    # refused, so that pointing model.path at a download never executes code from it
+    trust_remote_code: bool = False
 
     def validate(self, p: str = "model") -> None:
         _require(bool(self.path), f"{p}.path", "must be a folder", self.path)
@@ -229,7 +236,7 @@ def _merge(obj, values: dict, prefix: str) -> None:
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in fields:
-            raise ConfigError(f"unknown config key {name!r}; known here: {sorted(fields)}")
+            raise ConfigError(_unknown_key(name, prefix, key, fields))
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge(current, value, name + ".")
@@ -237,29 +244,53 @@ def _merge(obj, values: dict, prefix: str) -> None:
             setattr(obj, key, _coerce(name, value, type(current)))
 
 
-def _coerce(key: str, value, kind):
-    """Type-check a value for a field whose default has type `kind`."""
+def _dotted_fields(cls=None, prefix: str = "") -> list[str]:
+    """Every key of the config, dotted: "algo", ..., "optim.lr", ... (sections included)."""
+    out = []
+    for f in dataclasses.fields(cls or TrainConfig):
+        out.append(prefix + f.name)
+        if f.default_factory is not dataclasses.MISSING:  # a section
+            out += _dotted_fields(f.default_factory, f"{prefix}{f.name}.")
+    return out
+
+
+def _unknown_key(name: str, prefix: str, key: str, fields) -> str:
+    """The message for an unknown `name` (= prefix + key), with the closest known key: first a
+    near spelling in the same section, else the same or a near name in another section."""
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+    guess = prefix + close[0] if close else None
+    if guess is None:
+        others = [d for d in _dotted_fields() if d != name]
+        same = [d for d in others if d.rsplit(".", 1)[-1] == key]
+        near = difflib.get_close_matches(key, [d.rsplit(".", 1)[-1] for d in others], n=1,
+                                         cutoff=0.8)
+        guess = same[0] if same else next((d for d in others if near and
+                                           d.rsplit(".", 1)[-1] == near[0]), None)
+    hint = f"; did you mean {guess!r}?" if guess else ""
+    where = f" of {prefix.rstrip('.')}" if prefix else ""
+    return f"unknown config key {name!r}{hint} (known keys{where}: {', '.join(sorted(fields))})"
+
+
+def _coerce(key: str, value, kind, parse: bool = False):
+    """Type-check a value for a field whose default has type `kind`; `parse`: `value` is the
+    text of a `--set` and is converted (a JSON file's values are not: "8" is no integer)."""
+    if parse and isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool and text.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return text.lower() in ("true", "1", "yes")
+        try:
+            value = kind(text) if kind in (int, float) else value
+        except ValueError:
+            pass
     if kind is bool:
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
         if isinstance(value, bool):
             return value
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
     elif kind is str and isinstance(value, str):
         return value
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -267,22 +298,41 @@ def _coerce(key: str, value, kind):
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """`--set a.b=value` pairs applied to a copy of `config`, validated."""
+    """`--set a.b=value` pairs applied to a copy of `config`, validated. A bad key or a value
+    of the wrong type names its `--set` item; a value out of range names its key (the check
+    runs once at the end, so that `--set` items may depend on each other)."""
     values = config.to_dict()
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=2e-5")
-        key, raw = item.split("=", 1)
-        node = values
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"unknown config key {key!r}")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ConfigError(f"unknown config key {key!r}; known here: {sorted(node)}")
-        node[parts[-1]] = raw
+        try:
+            _override(config, values, item)
+        except ConfigError as exc:
+            raise ConfigError(f"--set {item!r}: {exc}") from None
     return TrainConfig.from_dict(values)
+
+
+def _override(config: TrainConfig, values: dict, item: str) -> None:
+    """Write one `key=value` into `values` (config.to_dict()), typed by `config`'s field."""
+    if "=" not in item:
+        raise ConfigError("expected key=value, e.g. optim.lr=2e-5")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    obj, node, prefix = config, values, ""
+    *sections, last = key.split(".")
+    for part in sections:
+        fields = [f.name for f in dataclasses.fields(obj)]
+        if part not in fields:
+            raise ConfigError(_unknown_key(key, prefix, part, fields))
+        if not dataclasses.is_dataclass(getattr(obj, part)):
+            raise ConfigError(f"{prefix}{part} is a value, not a section")
+        obj, node, prefix = getattr(obj, part), node[part], f"{prefix}{part}."
+    fields = [f.name for f in dataclasses.fields(obj)]
+    if last not in fields:
+        raise ConfigError(_unknown_key(key, prefix, last, fields))
+    current = getattr(obj, last)
+    if dataclasses.is_dataclass(current):
+        example = dataclasses.fields(current)[0].name
+        raise ConfigError(f"{key} is a section: set one of its keys, e.g. {key}.{example}=...")
+    node[last] = _coerce(key, raw, type(current), parse=True)
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -290,10 +340,13 @@ def load_config(path: str | Path) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
-    return TrainConfig.from_dict(values)
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+    try:
+        return TrainConfig.from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- presets

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from r2ec_fast.train.config import ConfigError, TrainConfig
 from r2ec_fast.train.oom import OutOfMemoryInStep, free_memory, halved, is_out_of_memory, pieces
+from r2ec_fast.train.run_dir import check_run_dir, write_run_config
 from r2ec_fast.train.distributed import (
     DistContext, clip_grad_norm_, encode_items_sharded, full_state, init_distributed,
     parallelize, sharded_loaders, weighted_means,
@@ -78,7 +79,8 @@ def ensure_model(cfg, data, device, seed: int):
         make_tiny_model(cfg.tiny_arch, texts_for_tokenizer(data), path, seed=seed)
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     model = DualHeadModel.from_pretrained(path, dtype=dtype, device=device,
-                                          attn_implementation=cfg.attn_implementation or None)
+                                          attn_implementation=cfg.attn_implementation or None,
+                                          trust_remote_code=cfg.trust_remote_code)
     if cfg.lora_r:
         try:
             from peft import LoraConfig, get_peft_model
@@ -105,8 +107,11 @@ def _optimizer(params, cfg, device, sharded: bool = False):
 class Trainer:
     def __init__(self, config: TrainConfig, run_dir: str | Path, resume: bool = False,
                  progress: bool = True, device: str | None = None,
-                 dist: DistContext | None = None):
-        """dist: this process's place in a data-parallel job; default `init_distributed`,
+                 dist: DistContext | None = None, write_config: bool = True):
+        """run_dir: a new or empty folder, or (resume) one holding this run (`run_dir.py`);
+        its config.json is written once the set-up has worked (not with write_config=False:
+        an evaluation of a finished run). dist: this process's place in a data-parallel job;
+        default `init_distributed`,
         i.e. the torchrun job this process was launched in, else one process on `device`
         (default CUDA when available). Under a job the device is the job's."""
         from r2ec_fast.data.prompts import PromptConfig
@@ -121,9 +126,7 @@ class Trainer:
                               f"multiple of the number of processes ({self.dist.world_size})")
         self.config, self.progress = config, progress and self.dist.is_main
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.dist.is_main:
-            config.save(self.run_dir / "config.json")
+        check_run_dir(config, self.run_dir, resume)  # before anything is written
         self.device = self.dist.device
         _seed_everything(config.seed)
         with self.dist.main_first():  # rank 0 builds missing data / a missing tiny model
@@ -173,9 +176,10 @@ class Trainer:
         self.max_trajectories: int | None = None
         self._oom_events: list[str] = []
         self._phase = "forward"
-        if resume and self._resume():
-            return
-        self.refresh_table()
+        if not (resume and self._resume()):
+            self.refresh_table()
+        if self.dist.is_main and write_config:  # once the set-up has worked
+            write_run_config(config, self.run_dir)
 
     # ------------------------------------------------------------------ data
 
@@ -479,7 +483,10 @@ class Trainer:
             return path
 
     def _resume(self) -> bool:
-        from r2ec_fast.train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng
+        from r2ec_fast.train.checkpoint import (
+            STATE_FILE, CheckpointError, checkpoint_item_table, latest_checkpoint,
+            load_checkpoint, restore_rng,
+        )
 
         path = latest_checkpoint(self.run_dir)
         if path is None:
@@ -487,10 +494,15 @@ class Trainer:
         model, optimizer = sharded_loaders(self.model.lm, self.optimizer, self.dist)
         state = load_checkpoint(path, model=model, optimizer=optimizer,
                                 scheduler=self.scheduler, map_location=self.device)
-        self.step = state["step"]
-        self.epoch = state["trainer_state"]["epoch"]
-        self.position = state["trainer_state"]["position"]
-        self.model.item_table = state["item_table"].to(self.device)
+        position = state["trainer_state"]
+        if not (isinstance(position, dict) and all(
+                isinstance(position.get(k), int) for k in ("epoch", "position"))):
+            raise CheckpointError(f"{path / STATE_FILE}: trainer_state needs integer 'epoch' "
+                                  f"and 'position' (the data order), got {position!r}")
+        self.step, self.epoch, self.position = (state["step"], position["epoch"],
+                                                position["position"])
+        self.model.item_table = checkpoint_item_table(state, path, self.data.items.num_items
+                                                      ).to(self.device)
         restore_rng(state["rng"])
         if self.dist.is_main:
             self.logger.truncate_after(self.step)
