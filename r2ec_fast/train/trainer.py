@@ -489,7 +489,10 @@ class Trainer:
         )
 
         path = latest_checkpoint(self.run_dir)
-        if path is None:
+        if path is None:  # killed before its first checkpoint: what it logged is void
+            if self.dist.is_main:
+                self.logger.truncate_after(-1)
+                self.eval_logger.truncate_after(-1)
             return False
         model, optimizer = sharded_loaders(self.model.lm, self.optimizer, self.dist)
         state = load_checkpoint(path, model=model, optimizer=optimizer,
