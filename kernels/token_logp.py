@@ -99,7 +99,8 @@ def _grad_logits(y, cols, col_mask, tgt, m, log_l, mean_zm, g_lp, g_ent, z_scale
         coef = coef * ((1.0 - y * y) * inv_temp)
     else:
         coef = coef * inv_temp
-    return tl.where(col_mask[None, :], coef, 0.0)
+    # ignored tokens (tgt < 0): exactly 0, even where their row is NaN (0 x NaN otherwise)
+    return tl.where(col_mask[None, :] & (tgt >= 0)[:, None], coef, 0.0)
 
 
 @triton.jit
@@ -302,8 +303,9 @@ def _token_logp_bwd_weight_kernel(
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + offs_d
                 d_mask = dd < D
+                # ignored tokens' rows are not read: a NaN there must not reach GW (0 x NaN)
                 h = tl.load(H + rows.to(tl.int64)[:, None] * stride_ht + dd[None, :] * stride_hd,
-                            mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                            mask=(row_mask & (tgt >= 0))[:, None] & d_mask[None, :], other=0.0)
                 a_mask = col_mask[:, None] & d_mask[None, :]
                 acc = tl.load(acc_base + dd[None, :], mask=a_mask, other=0.0)
                 if CAST_COEF:

@@ -242,10 +242,16 @@ def _chunk_scores(u32, items, a, b, scale, normalize, exclude, bufs):
     torch.mm(u32, xc.T, out=s)
     s.mul_(factor)
     if exclude is not None:
-        inside = (exclude >= a) & (exclude < b)
-        # add -inf at excluded ids and 0 elsewhere: duplicates and order do not matter
-        s.scatter_add_(1, torch.where(inside, exclude - a, 0),
-                       torch.where(inside, float("-inf"), 0.0))
+        inside = (exclude >= a) & (exclude < b)  # [N, L]
+        # write -inf at excluded ids, not add it: NaN + -inf is NaN, and an excluded item with
+        # a NaN row must drop out of that user's catalog as in the reference and the kernels
+        # (found by tests/ops/test_fuzz.py). -1 pads and ids of other chunks are sent to one
+        # excluded id of this chunk, so that every write to a column carries the same value
+        # (duplicates and order do not matter); a row with none rewrites its column 0 as is.
+        col = torch.where(inside, exclude - a, -1)
+        col = torch.where(inside, col, col.amax(1, keepdim=True).clamp_min(0))
+        s.scatter_(1, col, torch.where(inside.any(1, keepdim=True), float("-inf"),
+                                       s.gather(1, col)))
     return s, f1, f2, factor, xc
 
 

@@ -159,7 +159,11 @@ def _draw(processed, u):
     # u * total >= total (u rounded to 1): the last id that adds to the sum (the last kept id,
     # unless fp32 absorbed a tail of weights below total * 2^-24)
     last = torch.searchsorted(cdf, total, right=False)
-    tokens = torch.minimum(first, last)  # [B, 1]
+    # a row with a NaN or +inf logit, or all -inf, has a NaN cdf: searchsorted then gives V,
+    # which crashed the whole batch's gather (a device-side assert on CUDA; found by
+    # tests/ops/test_fuzz.py). Clamped, such a row draws an arbitrary id with a NaN log-prob
+    # (as greedy does) and the other rows are unaffected; no host sync to check for it
+    tokens = torch.minimum(first, last).clamp_max_(processed.shape[1] - 1)  # [B, 1]
     logprobs = processed.gather(1, tokens) - row_max - torch.log(total)
     return tokens[:, 0], logprobs[:, 0]
 
@@ -235,6 +239,8 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
     """One token per row of ``logits`` [B, V] (any float dtype): (tokens [B] int64, logprobs
     [B] fp32). ``uniform`` [B] in [0, 1): the caller's draws (values outside give the first /
     last kept id; not checked, that would sync); None: ``torch.rand(B, generator=generator)``.
+    On the torch path a row with a NaN or +inf logit, or none above -inf, gets a NaN log-prob
+    and an arbitrary token id in [0, V); the other rows are unaffected.
     See the module docstring for the semantics and the backends."""
     _check_params(temperature, top_k, top_p, repetition_penalty)
     _check_tensors(logits, prev_tokens, uniform)

@@ -88,12 +88,15 @@ def linear_log_probs_reference(hidden, weight, targets, softcap=None, temperatur
     """Materialise the logits (float64 with upcast, else the inputs' dtype, i.e. plain
     PyTorch) and apply the formula literally; differentiable by autograd."""
     dtype = torch.float64 if upcast else torch.promote_types(hidden.dtype, weight.dtype)
+    valid = targets != ignore_index
+    # ignored rows take no part at all: a NaN hidden row there (padding) must not reach the
+    # weight gradient through 0 x NaN (found by tests/ops/test_fuzz.py)
+    hidden = torch.where(valid[:, None], hidden, 0)
     x = hidden.to(dtype) @ weight.to(dtype).T  # [T, V]
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
     z = x / temperature
     logsm = torch.log_softmax(z.float() if not upcast else z, dim=-1)
-    valid = targets != ignore_index
     safe = torch.where(valid, targets, 0).long()
     logp = torch.where(valid, logsm.gather(1, safe[:, None])[:, 0], 0.0)
     if not return_entropy:
@@ -143,6 +146,7 @@ def _backward_chunk(h, weight, tgt, valid, stats, g_logp, g_ent, softcap, temper
                     vocab_chunk, grad_w):
     """grad of the token chunk's hidden rows [Tc, d]; adds into grad_w [V, d] when given.
     `stats` [3, Tc] = (y_max, log L, E_p[z] - z_max)."""
+    h = torch.where(valid[:, None], h, 0.0)  # an ignored NaN row: no 0 x NaN into grad_w
     m, log_l, mean_zm = stats[0, :, None], stats[1, :, None], stats[2, :, None]
     z_scale = _z_scale(softcap, temperature)
     grad_h = torch.zeros_like(h)
