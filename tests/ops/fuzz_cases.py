@@ -5,7 +5,8 @@ Every fuzz case is a plain dict of JSON values (shapes, dtype names, flags and a
 torch.Generator); the tensors are built from it, so a failure names the whole case in one line
 and the command that reruns exactly that case:
 
-    R2EC_FUZZ_CASE='<key>=<json>' .venv/bin/python -m pytest 'tests/ops/test_fuzz.py::test_fuzz[<key>]'
+    R2EC_FUZZ_CASE='<key>=<json>' .venv/bin/python -m pytest \
+        'tests/ops/test_fuzz.py::test_fuzz[<key>]'
 
 With R2EC_FUZZ_CASE set, the matching target runs that one case and every other target skips.
 """

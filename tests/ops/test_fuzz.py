@@ -11,8 +11,13 @@ reproducer (see fuzz_cases.py) that reruns just that case. BUDGETS says how many
 
 What a non-finite input row must give (the ops' docstrings, else the sane contract): NaN (or
 an infinity the float64 reference also has) confined to that row, with rank -1 where
-score_catalog's statistics are NaN; every other row exact. Interpreter cases stay small but
-cross the interpreter's blocks (16 rows, 32 items or vocabulary rows, 64 of d, 16 keys).
+score_catalog's statistics are NaN; every other row as accurate as without it. Interpreter
+cases stay small but cross its blocks (16 rows, 32 items or vocabulary rows, 64 of d, 16
+keys).
+
+PYTEST_DONT_REWRITE: with pytest's assertion rewriting of this module the same interpreter
+cases took twice as long here (score_catalog-triton: 12 s against 6 s, identical cases;
+cause not found); every assert below carries its own message instead.
 """
 from __future__ import annotations
 
@@ -21,11 +26,10 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import strategies as st
 
-from fuzz_cases import (DTYPES, RAN, REPLAY_ENV, Target, assert_close64, dtype_names, gen, layouts,
-                        patched, run_target, seeds, strided, strided_ids, tolerance)
+from fuzz_cases import (DTYPES, RAN, REPLAY_ENV, Target, assert_close64, dtype_names, gen,
+                        layouts, patched, run_target, seeds, strided, strided_ids, tolerance)
 from r2ec_fast.ops import (ItemTable, catalog_log_prob, catalog_log_prob_reference,
                            in_batch_log_prob, score_catalog, score_catalog_reference)
 from r2ec_fast.ops import catalog as catalog_mod
@@ -132,8 +136,8 @@ def catalog_cases(draw, backend: str, grad: bool = False) -> dict:
 
 
 def build_catalog(p: dict):
-    """(user [N, d], items [V, d] fp32 leaves before casts, target, exclude, rows with a
-    non-finite entry, NaN item id or None)."""
+    """(user [N, d] and items [V, d] in fp32, target [N] or None, exclude [N, L] or None,
+    the rows with a non-finite entry, the NaN item's id or None)."""
     g = gen(p["seed"])
     n, v, d = p["n"], p["v"], p["d"]
     if p["mode"] == "int":  # small integers: every score exact in every dtype
@@ -254,7 +258,7 @@ def check_score_catalog(p: dict, backend: str) -> None:
     table = args[1].weight if isinstance(args[1], ItemTable) else items  # what was scored
     ref = score_catalog_reference(user, table, target, exclude, **kw)
     n = p["n"]
-    assert out.lse.dtype == torch.float32 and out.lse.shape == (n,)
+    assert out.lse.dtype == torch.float32 and out.lse.shape == (n,), f"lse {out.lse.dtype}"
     good = torch.isfinite(user.double()).all(1) & ~torch.isnan(ref.lse)
     flagged = ~good
     floor = score_scale(user, table, p)
@@ -263,7 +267,8 @@ def check_score_catalog(p: dict, backend: str) -> None:
     size = floor[good].norm().item()
     assert_close64("lse", out.lse[good], ref.lse[good], tol, floor=size)
     if target is not None:
-        assert out.rank.dtype == torch.int64 and out.target_score.dtype == torch.float32
+        assert out.rank.dtype == torch.int64 and out.target_score.dtype == torch.float32, (
+            f"rank {out.rank.dtype}, target_score {out.target_score.dtype}")
         assert_close64("target_score", out.target_score[good], ref.target_score[good], tol,
                        floor=size)
     exact = p["mode"] == "int"  # small integers: exact scores in every dtype and table
@@ -271,14 +276,15 @@ def check_score_catalog(p: dict, backend: str) -> None:
     eps = SCORE_UNIT[coarsest(*names)] * floor
     check_ranks_and_topk(out, ref, s64, mask, target, good, eps, exact, p["topk"])
     if p["topk"]:
-        assert out.topk_ids.dtype == torch.int64 and out.topk_ids.shape == (n, p["topk"])
+        assert out.topk_ids.dtype == torch.int64 and out.topk_ids.shape == (n, p["topk"]), (
+            f"topk_ids {out.topk_ids.dtype} {tuple(out.topk_ids.shape)}")
     # non-finite rows: flagged (NaN or the reference's infinity, rank -1), never finite
     if flagged.any():
         assert not torch.isfinite(out.lse[flagged]).any(), f"lse {out.lse.tolist()}"
         if target is not None:
             r, rr = out.rank[flagged], ref.rank[flagged]
             assert ((r == -1) | (r == rr)).all(), f"bad rows' ranks {r.tolist()}"
-            assert (r[torch.isnan(out.lse[flagged])] == -1).all()
+            assert (r[torch.isnan(out.lse[flagged])] == -1).all(), "a NaN row without rank -1"
         user_bad = ~torch.isfinite(user.double()).all(1)  # (a NaN item: the others rank)
         if p["topk"] and user_bad.any():
             assert not torch.isfinite(out.topk_scores[user_bad]).any(), "a bad row's top-k"
@@ -310,7 +316,8 @@ def check_catalog_log_prob(p: dict, backend: str) -> None:
     ref = run(catalog_log_prob_reference, user.to(udt), items.to(xdt), torch.float64,
               torch.float64)
     plain = run(catalog_log_prob_reference, user, items, udt, xdt, upcast=False)
-    assert ours[0].dtype == torch.float32 and ours[1].dtype == udt
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == udt, (
+        f"logp {ours[0].dtype}, grad user {ours[1].dtype}")
     good = torch.isfinite(user.to(udt).double()).all(1) & ~torch.isnan(ref[0])
     names = [p["udtype"], p["xdtype"]] + ([p["table"]] if p["table"] else [])
     tol = tolerance(*names)
@@ -325,11 +332,11 @@ def check_catalog_log_prob(p: dict, backend: str) -> None:
     assert_close64("grad user", ours[1][good], ref[1][good], tol, plain[1][good],
                    floor=grad_floor(g_good, p["temperature"], p["similarity"], table))
     if p["items_grad"] and good.all():
-        assert ours[2].dtype == xdt
+        assert ours[2].dtype == xdt, f"grad items {ours[2].dtype}"
         assert_close64("grad items", ours[2], ref[2], tol, plain[2],
                        floor=grad_floor(upstream, p["temperature"], p["similarity"], user))
     elif not p["items_grad"]:
-        assert ours[2] is None
+        assert ours[2] is None, "items without requires_grad got a gradient"
 
 
 @st.composite
@@ -368,10 +375,10 @@ def check_in_batch_log_prob(p: dict) -> None:
     good = torch.ones(n, dtype=torch.bool)
     good[bad] = False
     scale = 1.0 / p["temperature"] * (1.0 if p["similarity"] == "cosine" else d)
-    assert ours[0].dtype == torch.float32
+    assert ours[0].dtype == torch.float32, f"logp {ours[0].dtype}"
     assert_close64("logp", ours[0][good], ref[0][good], 1e-4,
                    floor=scale * math.sqrt(int(good.sum())))
-    assert not torch.isfinite(ours[0][~good]).any()
+    assert not torch.isfinite(ours[0][~good]).any(), f"bad rows' logp {ours[0].tolist()}"
     grad_tol = tolerance(p["dtype"])  # the gradients come back in the inputs' dtype
     kw = dict(temperature=p["temperature"], similarity=p["similarity"])
     assert_close64("grad user", ours[1][good], ref[1][good], grad_tol,
@@ -449,7 +456,8 @@ def check_linear_log_probs(p: dict, backend: str) -> None:
     g = gen(p["seed"] + 1)
     g_lp, g_ent = torch.randn(p["t"], generator=g), torch.randn(p["t"], generator=g)
     blocks = [] if p.get("blocks") is None else [
-        (mod, "TOKEN_CHUNK", p["blocks"][0]), (mod, "BLOCK_ELEMS", p["blocks"][0] * p["blocks"][1])]
+        (mod, "TOKEN_CHUNK", p["blocks"][0]),
+        (mod, "BLOCK_ELEMS", p["blocks"][0] * p["blocks"][1])]
     with poisoned(backend, "token_logp"), patched(*blocks):
         ours = run_tokens(linear_log_probs, p, hidden, weight, targets, g_lp, g_ent, dt_h, dt_w,
                           backend=backend)
@@ -459,7 +467,8 @@ def check_linear_log_probs(p: dict, backend: str) -> None:
     plain = run_tokens(linear_log_probs_reference, p, h_in, w_in, targets, g_lp, g_ent, dt_h,
                        dt_w, upcast=False)
     tol = tolerance(p["hdtype"], p["wdtype"])
-    assert ours[0].dtype == torch.float32 and ours[2].dtype == dt_h
+    assert ours[0].dtype == torch.float32 and ours[2].dtype == dt_h, (
+        f"logp {ours[0].dtype}, grad hidden {ours[2].dtype}")
     valid = targets != -100
     finite = torch.isfinite(h_in.double()).all(1)
     good = finite | ~valid  # ignored rows give 0 and no gradient, whatever their hidden row
@@ -476,7 +485,7 @@ def check_linear_log_probs(p: dict, backend: str) -> None:
             assert_close64(name, a[good], r[good], tol, pl[good], floor=floor)
     assert (ours[0][~valid] == 0).all() and (ours[2][~valid] == 0).all(), "ignored rows"
     if p["entropy"]:
-        assert (ours[1][~valid] == 0).all()
+        assert (ours[1][~valid] == 0).all(), "ignored rows' entropy"
     for name, a, r in zip(names, ours[:2], ref[:2]):  # bad rows: NaN, or the reference's value
         if a is not None and not good.all():
             a, r = a[~good].double(), r[~good]
@@ -550,7 +559,9 @@ def check_recpo_token_loss(p: dict, backend: str) -> None:
         # tokens within rounding of a clip boundary may fall on either side of it
         edge = torch.minimum((r64 - (1 - p["eps_low"])).abs(), (r64 - (1 + p["eps_high"])).abs())
         slack = ((edge < 50 * tol) * mask).sum() / count
-        assert abs(out.clip_frac.item() - ((took * mask).sum() / count).item()) <= slack + 1e-6
+        want = ((took * mask).sum() / count).item()
+        assert abs(out.clip_frac.item() - want) <= slack + 1e-6, (
+            f"clip_frac {out.clip_frac.item()} vs {want} (slack {slack.item()})")
         if p["entropy"]:
             assert_close64("entropy", out.entropy, (ent.detach() * mask).sum() / count, tol,
                            floor=1.0)
@@ -590,7 +601,7 @@ def check_rms_norm(p: dict, backend: str) -> None:
     with poisoned(backend, "rms_norm"):
         out = rms_norm(xs, w, p["eps"], p["gemma"], backend=backend)
     want_dtype = xdt if p["gemma"] else torch.promote_types(wdt, xdt)
-    assert out.dtype == want_dtype and out.shape == x.shape
+    assert out.dtype == want_dtype and out.shape == x.shape, f"{out.dtype} {tuple(out.shape)}"
     ref = rms_norm_reference(x, w, p["eps"], p["gemma"])
     plain = rms_norm(x, w, p["eps"], p["gemma"], backend="torch")  # HF's own op sequence
     out2, ref2, plain2 = (t.reshape(-1, p["d"]) for t in (out, ref, plain))
@@ -626,10 +637,12 @@ def attention_cases(draw, backend: str, decode: bool) -> dict:
         if sum(q) == 0:
             q[0] = 1
     h_kv = draw(st.integers(1, 2))
-    p = dict(seed=draw(seeds()), ctx=ctx, q=q, h_kv=h_kv, group=draw(st.sampled_from([1, 2, 3, 4])),
+    p = dict(seed=draw(seeds()), ctx=ctx, q=q, h_kv=h_kv,
+             group=draw(st.sampled_from([1, 2, 3, 4])),
              d=draw(st.sampled_from([8, 16, 32, 64] + ([] if tri else [24, 40]))),
              block_size=draw(st.sampled_from([1, 3, 4, 5, 16])),
-             dtype=draw(dtype_names()), softcap=draw(st.sampled_from([50.0, None, 2.0, None, 5.0])),
+             dtype=draw(dtype_names()),
+             softcap=draw(st.sampled_from([50.0, None, 2.0, None, 5.0])),
              window=draw(st.sampled_from([8, None, 1, None, 3, 20])),
              scale=draw(st.sampled_from([None, 0.1, 0.37, 1.0])),
              packed=draw(st.booleans()), new_kv=draw(st.booleans()),
@@ -667,17 +680,16 @@ def check_attention(p: dict, backend: str, decode: bool) -> None:
         ours, k_ours, v_ours = run(ours_fn, case, backend=backend, **opts)
     ref, _, _ = run(ref_fn, pa._cast(case, torch.float64), **opts)
     plain, k_plain, v_plain = run(ref_fn, case, upcast=False, **opts)
-    assert ours.dtype == dtype and ours.shape == case["query"].shape
+    assert ours.dtype == dtype and ours.shape == case["query"].shape, (
+        f"{ours.dtype} {tuple(ours.shape)}")
     # NaN exactly where float64 has it: the poisoned (token, head), never the unwritten slots
     assert torch.equal(torch.isnan(ours), torch.isnan(ref)), "NaN outside the NaN query's row"
-    assert_close64("attention", ours, ref, TOLERANCE_ATT[dtype], plain)
+    assert_close64("attention", ours, ref, tolerance(p["dtype"]), plain)
     assert torch.equal(k_ours.isnan(), k_plain.isnan()) and torch.equal(
         k_ours.nan_to_num(), k_plain.nan_to_num()), "k_cache after the call"
     assert torch.equal(v_ours.isnan(), v_plain.isnan()) and torch.equal(
         v_ours.nan_to_num(), v_plain.nan_to_num()), "v_cache after the call"
 
-
-TOLERANCE_ATT = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
 # ============================================================================= sampling
@@ -746,7 +758,8 @@ def check_sample(p: dict, backend: str) -> None:
         u = None
     else:
         tokens, logprobs = sample(x, *settings_, prev_tokens=prev, uniform=u, backend=backend)
-    assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
+    assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32, (
+        f"{tokens.dtype} {logprobs.dtype}")
     assert ((tokens >= 0) & (tokens < v)).all(), f"tokens out of range: {tokens.tolist()}"
     good = torch.ones(b, dtype=torch.bool)
     good[bad] = False
@@ -756,13 +769,14 @@ def check_sample(p: dict, backend: str) -> None:
             rows = good.nonzero()[:, 0]
             sub = sample(logits[rows], *settings_, backend=backend, uniform=u[rows],
                          prev_tokens=None if prev is None else prev[rows])
-            assert torch.equal(sub[0], tokens[rows]) and same(sub[1], logprobs[rows])
+            assert torch.equal(sub[0], tokens[rows]) and same(sub[1], logprobs[rows]), (
+                "the finite rows changed with the bad rows removed")
         return
     processed = process_logits(logits, *settings_, prev_tokens=prev)
     hf_prev = prev if prev is not None else torch.full((b, 0), -1)
     if p["temperature"] == 0:  # greedy: the first maximal id of the penalised logits
         penalised = ts.hf_process(logits, hf_prev, 1.0, 0, 1.0, p["penalty"])
-        assert torch.equal(processed, penalised)
+        assert torch.equal(processed, penalised), "greedy's distribution is not HF's penalised one"
         assert torch.equal(tokens, penalised.argmax(-1)), "greedy is not the argmax"
     else:
         theirs = ts.hf_process(logits, hf_prev, *settings_)
@@ -790,14 +804,15 @@ def check_sample(p: dict, backend: str) -> None:
             assert ok.all(), f"tokens {tokens.tolist()} vs the float64 inverse CDF"
             exact = ((probs.cumsum(-1) - ud[:, None]).abs() > 1e-5).all(-1)
             want = ts.inverse_cdf_float64(processed, u)
-            assert torch.equal(tokens[exact], want[exact])
+            assert torch.equal(tokens[exact], want[exact]), "tokens vs inverse_cdf_float64"
     expect = torch.log_softmax(processed, -1).gather(1, tokens[:, None])[:, 0]
     assert ((logprobs - expect).abs() <= 1e-5).all(), "logprobs"
     if u is not None:
         rows = torch.arange(b - 1, -1, -1)[::2]  # a subset in another order: the same draws
         sub = sample(logits[rows], *settings_, backend=backend, uniform=u[rows],
                      prev_tokens=None if prev is None else prev[rows])
-        assert torch.equal(sub[0], tokens[rows]) and torch.equal(sub[1], logprobs[rows])
+        assert torch.equal(sub[0], tokens[rows]) and torch.equal(sub[1], logprobs[rows]), (
+            "a subset of the rows drew other tokens")
 
 
 # ============================================================================= the targets
@@ -809,14 +824,14 @@ def _targets() -> list[Target]:
     def add(op, backend, cases, check, budget):
         out.append(Target(f"{op}-{backend}", cases, check, budget, slow=backend == "triton"))
 
-    for backend, budget in (("torch", 250), ("reference", 50), ("triton", 50)):
+    for backend, budget in (("torch", 250), ("reference", 50), ("triton", 60)):
         add("score_catalog", backend, lambda b=backend: catalog_cases(b),
             lambda p, b=backend: check_score_catalog(p, b), budget)
     for backend, budget in (("torch", 150), ("reference", 30), ("triton", 30)):
         add("catalog_log_prob", backend, lambda b=backend: catalog_cases(b, grad=True),
             lambda p, b=backend: check_catalog_log_prob(p, b), budget)
     add("in_batch_log_prob", "torch", in_batch_cases, check_in_batch_log_prob, 80)
-    for backend, budget in (("torch", 150), ("reference", 30), ("triton", 35)):
+    for backend, budget in (("torch", 150), ("reference", 30), ("triton", 45)):
         add("linear_log_probs", backend, lambda b=backend: token_cases(b),
             lambda p, b=backend: check_linear_log_probs(p, b), budget)
     for backend, budget in (("torch", 60), ("triton", 10)):
@@ -827,7 +842,7 @@ def _targets() -> list[Target]:
             lambda p, b=backend: check_rms_norm(p, b), budget)
     for decode in (True, False):
         op = "decode_attention" if decode else "prefill_attention"
-        for backend, budget in (("torch", 100), ("reference", 20), ("triton", 30)):
+        for backend, budget in (("torch", 100), ("reference", 20), ("triton", 40)):
             add(op, backend, lambda b=backend, dec=decode: attention_cases(b, dec),
                 lambda p, b=backend, dec=decode: check_attention(p, b, dec), budget)
     for backend, budget in (("torch", 200), ("reference", 30)):  # no Triton sampler
@@ -850,7 +865,7 @@ def test_case_budget():
     ops = {key.rsplit("-", 1)[0] for key in BUDGETS}
     print(f"fuzz budget: {total} cases over {len(ops)} ops; "
           + ", ".join(f"{k} {n}" for k, n in BUDGETS.items()))
-    assert total >= 1000
+    assert total >= 1000, f"only {total} fuzz cases per run"
     assert {key for key in BUDGETS if key.endswith("-triton")} >= {
         f"{op}-triton" for op in ops - {"in_batch_log_prob", "sample"}}
     if not os.environ.get(REPLAY_ENV):  # every target that ran here used its whole budget
