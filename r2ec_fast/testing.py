@@ -77,3 +77,20 @@ def poisoned_empty(shape, dtype, device) -> torch.Tensor:
     write shows up in the comparison."""
     fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
     return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def train_config(values: dict, **dotted):
+    """A TrainConfig from nested `values` with dotted overrides applied (tests' small runs:
+    `train_config(base, **{"rollout.engine": "hf"})`); `values` is not modified."""
+    import copy
+
+    from r2ec_fast.train.config import TrainConfig
+
+    values = copy.deepcopy(values)
+    for key, value in dotted.items():
+        node = values
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return TrainConfig.from_dict(values)

@@ -86,6 +86,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from r2ec_fast.ops.item_table import ItemTable  # noqa: E402
+from r2ec_fast.testing import train_config  # noqa: E402
 from r2ec_fast.train.checkpoint import (  # noqa: E402
     CheckpointError, load_checkpoint, save_checkpoint,
 )
@@ -255,13 +256,7 @@ def small_config(root, **overrides) -> TrainConfig:
         "rollout": {"group_size": 2, "max_new_tokens": 2, "eval_max_new_tokens": 2},
         "optim": {"lr": 1e-3, "warmup_steps": 1, "users_per_step": 4},
     }
-    for key, value in overrides.items():
-        node = values
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return TrainConfig.from_dict(values)
+    return train_config(values, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch  # noqa: E402
 from r2ec_fast.ops import linear_log_probs_reference  # noqa: E402
 from r2ec_fast.train.config import TrainConfig  # noqa: E402
 from r2ec_fast.train.metrics import read_metrics  # noqa: E402
+from r2ec_fast.testing import train_config  # noqa: E402
 
 
 def tiny_config(root, **overrides) -> TrainConfig:
@@ -22,13 +23,7 @@ def tiny_config(root, **overrides) -> TrainConfig:
         "rollout": {"group_size": 2, "max_new_tokens": 4, "eval_max_new_tokens": 3},
         "optim": {"lr": 1e-3, "warmup_steps": 1, "users_per_step": 4},
     }
-    for key, value in overrides.items():
-        node = values
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return TrainConfig.from_dict(values)
+    return train_config(values, **overrides)
 
 
 @pytest.fixture(scope="module")
