@@ -199,7 +199,7 @@ def test_profile_rollout_tool(capsys):
                                  "--steps", "2,3,4", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     for name in ("eager", "graphs", "hf_generate"):
-        assert re.search(rf"^{name} +warmup .* 3 lengths x 2, N=2..4 \| decode step "
+        assert re.search(rf"^{name} +warmup .* 3 lengths x 2, N=2..4 \| decode step +"
                          r"([0-9.]+ ms \+- [0-9.]+ \| prefill|not measurable: )", out, re.M), out
     assert re.search(r"^decode step speed-up graphs vs HF generate: ([0-9.]+x|not measurable)",
                      out, re.M), out
