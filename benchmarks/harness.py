@@ -231,27 +231,44 @@ def _other_cpu_fraction(start, end) -> float | None:
     return max(0.0, other / ((end[0] - start[0]) * (os.cpu_count() or 1)))
 
 
+def _status_mib(*fields: str) -> dict[str, float]:
+    """Fields of /proc/self/status in MiB, read in one snapshot; {} where it is unreadable."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    values = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        if name in fields:
+            values[name] = int(rest.split()[0]) / 1024  # kB
+    return values
+
+
 def _peak_rss_mib() -> float:
     """This process's own peak resident memory (VmHWM). Not ru_maxrss: a child started by
     subprocess (vfork + exec) inherits its parent's peak there (measured: a worker started by
     a 1.2 GiB parent read 1244 MiB before importing anything)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
+    peak = _status_mib("VmHWM").get("VmHWM")
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+RESET_SLACK_MIB = 4.0
 
 
 def _reset_peak_rss() -> bool:
     """Lower the peak to the current RSS (Linux >= 4.0), so that transient peaks of the imports
-    and of building the inputs cannot hide what the implementation adds."""
+    and of building the inputs cannot hide what the implementation adds. True only when the
+    peak did come down to the current RSS: some sandboxes accept the write to clear_refs and
+    ignore it (a CI run read the same VmHWM before and after a 64 MiB allocation)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return False
-    return True
+    now = _status_mib("VmHWM", "VmRSS")
+    return len(now) == 2 and now["VmHWM"] - now["VmRSS"] <= RESET_SLACK_MIB
 
 
 def cuda_memory_run(fn: Callable[[], Any]) -> tuple[Any, dict]:
