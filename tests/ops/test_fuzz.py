@@ -91,6 +91,21 @@ def poison_rows(x: torch.Tensor, rows: list[int], kind: str | None, g: torch.Gen
     return x
 
 
+def bf16_nan_leak(leaked: torch.Tensor, bad: list[int], device: torch.device,
+                  *dtypes: str) -> torch.Tensor:
+    """The finite rows to which plain PyTorch's CPU bf16 matmul leaked a NaN, checked to be the
+    known upstream defect and nothing else: oneDNN's AMX brgemm reads the K-tail of row r past
+    its end into row r + 1 and relies on zero padding of the other operand, so a NaN at the
+    start of row r + 1 makes row r NaN (uxlfoundation/oneDNN#5717, fixed by #5723, after the
+    oneDNN 3.12 of torch 2.13; found here as n=23 d=3 cosine bf16, row 10 NaN next to the NaN
+    row 11). Any other NaN of a finite row fails."""
+    rows = leaked.nonzero().flatten().tolist()
+    if rows:
+        assert device.type == "cpu" and "bf16" in dtypes, f"NaN on finite rows {rows}"
+        assert all(r + 1 in bad for r in rows), f"NaN on finite rows {rows}, bad rows {bad}"
+    return leaked
+
+
 # ============================================================================= catalog
 
 
@@ -260,6 +275,9 @@ def check_score_catalog(p: dict, backend: str) -> None:
     n = p["n"]
     assert out.lse.dtype == torch.float32 and out.lse.shape == (n,), f"lse {out.lse.dtype}"
     good = torch.isfinite(user.double()).all(1) & ~torch.isnan(ref.lse)
+    if backend == "reference":  # plain PyTorch itself: allowed its own upstream NaN leak
+        good = good & ~bf16_nan_leak(good & torch.isnan(out.lse), bad, user.device,
+                                     p["udtype"], p["xdtype"])
     flagged = ~good
     floor = score_scale(user, table, p)
     names = [p["udtype"], p["xdtype"]] + ([p["table"]] if p["table"] else [])
@@ -319,11 +337,9 @@ def check_catalog_log_prob(p: dict, backend: str) -> None:
     assert ours[0].dtype == torch.float32 and ours[1].dtype == udt, (
         f"logp {ours[0].dtype}, grad user {ours[1].dtype}")
     good = torch.isfinite(user.to(udt).double()).all(1) & ~torch.isnan(ref[0])
-    if backend == "reference" and p["bad"] and "bf16" in (p["udtype"], p["xdtype"]):
-        # OPEN (issue 13): the plain bf16 reference gave NaN on a finite row next to a NaN row
-        # (replay: n=23 d=3 v=60 cosine bf16 bad=nan seed=0); not yet explained, so this
-        # backend's NaN-row cases are not checked until it is
-        return
+    if backend == "reference":  # plain PyTorch itself: allowed its own upstream NaN leak
+        good = good & ~bf16_nan_leak(good & torch.isnan(plain[0]), bad, user.device,
+                                     p["udtype"], p["xdtype"])
     names = [p["udtype"], p["xdtype"]] + ([p["table"]] if p["table"] else [])
     tol = tolerance(*names)
     table = items.to(xdt)
@@ -477,6 +493,9 @@ def check_linear_log_probs(p: dict, backend: str) -> None:
     valid = targets != -100
     finite = torch.isfinite(h_in.double()).all(1)
     good = finite | ~valid  # ignored rows give 0 and no gradient, whatever their hidden row
+    if backend == "reference":  # plain PyTorch itself: allowed its own upstream NaN leak
+        good = good & ~bf16_nan_leak(good & valid & torch.isnan(plain[0]), bad, h_in.device,
+                                     p["hdtype"], p["wdtype"])
     # a thousandth of the natural sizes (logits |h| |w| / T; their gradients |g| |w| / T):
     # a near one-hot row's logp, entropy and gradients cancel to ~1e-6 of those
     h_max, w_max = (t.double().nan_to_num(0, 0, 0).norm(dim=1).max().item() + 1e-30
@@ -875,3 +894,31 @@ def test_case_budget():
         f"{op}-triton" for op in ops - {"in_batch_log_prob", "sample"}}
     if not os.environ.get(REPLAY_ENV):  # every target that ran here used its whole budget
         assert all(n >= BUDGETS[k] for k, n in RAN.items() if n), dict(RAN)
+
+
+# the case a fresh-clone suite found (oneDNN#5717 on an AMX CPU): run on every CI machine
+FOUND_BF16_LEAK = {"bad": "nan", "bad_item": False, "chunk": None, "d": 3, "hist": None,
+                   "ids_layout": "contig", "items_grad": False, "items_layout": "contig",
+                   "mask_target": False, "mode": "float", "n": 23, "no_target": False,
+                   "seed": 0, "similarity": "cosine", "table": None, "target_in_hist": False,
+                   "temperature": 0.02, "topk": 0, "udtype": "bf16", "user_layout": "contig",
+                   "v": 60, "xdtype": "bf16"}
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_found_bf16_nan_row_case(backend):
+    """Every backend on that case; the plain-PyTorch one may lose row 10 to the upstream leak,
+    ours (torch, triton) may not: they upcast the bf16 operands before their matmuls."""
+    check_catalog_log_prob(FOUND_BF16_LEAK, backend)
+
+
+def test_bf16_nan_leak_is_only_the_known_defect():
+    cpu = torch.device("cpu")
+    rows = torch.tensor([False, True, False, False])
+    assert torch.equal(bf16_nan_leak(rows, [2], cpu, "bf16", "f32"), rows)
+    assert not bf16_nan_leak(torch.zeros(4, dtype=torch.bool), [], cpu, "f32").any()
+    for bad, device, dtypes in (([3], cpu, ("bf16",)),  # not the row before a bad one
+                                ([2], cpu, ("f32", "f16")),  # no bf16 operand
+                                ([2], torch.device("meta"), ("bf16",))):  # not the CPU
+        with pytest.raises(AssertionError, match="NaN on finite rows"):
+            bf16_nan_leak(rows, bad, device, *dtypes)
