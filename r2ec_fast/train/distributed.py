@@ -35,6 +35,7 @@ starts. What each piece does, and why:
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 from contextlib import contextmanager
@@ -195,13 +196,20 @@ def init_distributed(device: str | None = None) -> DistContext:
 
 def close_distributed(ctx: DistContext, wait: bool = True) -> None:
     """Destroy the process group; with wait (the ranks finished normally) after a barrier, so
-    that no rank tears its gloo/NCCL threads down while a peer is still talking to it (a rank
-    that left early aborted once with "terminate called without an active exception"). After
-    an error, no barrier: a peer may never arrive."""
+    that no rank tears its gloo/NCCL threads down while a peer is still talking to it. After
+    an error, no barrier: a peer may never arrive.
+
+    Call it once the sharded model and its optimizer are gone (return from the function that
+    holds them first): FSDP2's modules keep the process group alive, and a group destroyed
+    only at interpreter exit aborts the process now and then ("terminate called without an
+    active exception": twice in CI, from a worker that still held its model here). The
+    garbage collection frees what reference cycles still hold while the interpreter is up."""
     if ctx.enabled and dist.is_initialized():
+        gc.collect()
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 # ----------------------------------------------------------------------------- FSDP2

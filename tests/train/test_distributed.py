@@ -197,22 +197,33 @@ def same(a, b) -> bool:
 
 
 def sharded_worker(model_path: str, checkpoint: str, out_path: str) -> None:
-    """Run under torchrun by test_sharded_resume_and_rollout: 4 users, 2 per rank, G = 2."""
+    """Run under torchrun by test_sharded_resume_and_rollout: 4 users, 2 per rank, G = 2. The
+    process group is closed after `sharded_check` has returned, so that its sharded model is
+    gone first (see close_distributed), as `r2ec-fast train` does."""
+    from r2ec_fast.train.distributed import close_distributed, init_distributed
+
+    ctx = init_distributed("cpu")
+    finished = False
+    try:
+        sharded_check(ctx, model_path, checkpoint, out_path)
+        finished = True
+    finally:
+        close_distributed(ctx, wait=finished)
+
+
+def sharded_check(ctx, model_path: str, checkpoint: str, out_path: str) -> None:
     import torch.distributed as dist
 
     from r2ec_fast.data.prompts import PromptConfig
     from r2ec_fast.model import DualHeadModel
     from r2ec_fast.rollout.hf import HFRollout
     from r2ec_fast.train.checkpoint import load_checkpoint
-    from r2ec_fast.train.distributed import (
-        close_distributed, full_state, init_distributed, parallelize, sharded_loaders,
-    )
+    from r2ec_fast.train.distributed import full_state, parallelize, sharded_loaders
 
     def rollout(model):
         answer = model.tokenizer.convert_tokens_to_ids(PromptConfig().answer_start)
         return HFRollout(model, answer, temperature=2.0, top_k=50, max_new_tokens=6)
 
-    ctx = init_distributed("cpu")
     model = DualHeadModel.from_pretrained(model_path, device="cpu")
     plan = parallelize(model, ctx)
     optimizer = torch.optim.AdamW(model.lm.parameters())  # hyperparameters: loaded
@@ -245,7 +256,6 @@ def sharded_worker(model_path: str, checkpoint: str, out_path: str) -> None:
             "fsdp_groups": len(plan.modules), "decode_steps": max(map(len, reference))}
         with open(out_path, "w") as f:
             json.dump(result, f)
-    close_distributed(ctx)
 
 
 if __name__ == "__main__":
