@@ -435,8 +435,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     the largest step, else None. Incomplete folders are never returned."""
     ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR
     pointer = ckpt_dir / LATEST
-    if pointer.is_file():
-        name = pointer.read_text().strip()
+    if pointer.is_file():  # a garbled pointer (not UTF-8, not a step name) is ignored
+        name = pointer.read_text(errors="replace").strip()
         if _STEP_DIR.fullmatch(name) and _is_complete(ckpt_dir / name):
             return ckpt_dir / name
     complete = _complete_checkpoints(ckpt_dir)

@@ -172,6 +172,16 @@ def test_crash_mid_save_keeps_previous(tmp_path, where, monkeypatch):
     assert latest_checkpoint(tmp_path) == second
 
 
+@pytest.mark.parametrize("pointer", [b"\xff\xfe garbage", b"step-00000009", b"../step-1",
+                                     b""])
+def test_bad_latest_pointer_falls_back_to_the_newest_complete(tmp_path, pointer):
+    model, opt, _ = make_run(0)
+    save(tmp_path, 1, model, opt)
+    second = save(tmp_path, 2, model, opt)
+    (tmp_path / "checkpoints" / "latest").write_bytes(pointer)
+    assert latest_checkpoint(tmp_path) == second
+
+
 def test_keep_last_prunes_oldest(tmp_path):
     model, opt, _ = make_run(0)
     for step in range(1, 6):
