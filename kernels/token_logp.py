@@ -167,7 +167,9 @@ def _token_logp_fwd_kernel(
             # re-anchor: sum e (z - z_old) = sum e (z - z_new) + L (z_new - z_old); the first
             # tile has L = 0 and m_old = -inf, hence the guard
             shift = tl.where(r > -1.0, (m - m_new) * z_scale, 0.0)
-            ezr = alpha * (ezr + (1.0 + r) * shift) + tl.sum(e * zm, axis=1)
+            # (columns past V: zm may be NaN there, 0 x inf of an infinite hidden entry)
+            ezr = alpha * (ezr + (1.0 + r) * shift) + tl.sum(
+                e * tl.where(col_mask[None, :], zm, 0.0), axis=1)
         n_max = tl.sum(at_max.to(tl.float32), axis=1)
         r = tl.where(tile_max >= m, alpha * (1.0 + r) + e_sum + (n_max - 1.0), r + e_sum)
         m = m_new

@@ -318,6 +318,22 @@ def test_peaked_rows_over_many_vocabulary_splits(monkeypatch, backend, dtype):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
+def test_infinite_hidden_entry_under_softcap_is_finite(small_blocks, backend, bad):
+    """tanh caps an infinite logit, so the row's logp and entropy are finite in float64; the
+    kernel once took NaN entropy from its vocabulary tile's padding (0 x inf past V)."""
+    hidden, weight, targets = make_case(6, 40, 8, seed=3)
+    hidden[2, 5] = bad
+    ours = linear_log_probs(hidden, weight, targets, 5.0, 1.0, return_entropy=True,
+                            backend=backend)
+    ref = linear_log_probs_reference(hidden.double(), weight.double(), targets, 5.0, 1.0,
+                                     return_entropy=True)
+    for name, a, r in zip(("logp", "entropy"), ours, ref):
+        assert torch.isfinite(r).all() and torch.isfinite(a).all(), (name, a.tolist())
+        assert rel_error(a, r) <= TOLERANCE[F32], (name, a.tolist(), r.tolist())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_torch_compile_traces_the_op(backend, monkeypatch):
     """Under torch.compile the passes are the custom ops r2ec_fast::linear_log_probs(_backward);
     results and gradients equal the eager ones."""
