@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -289,9 +291,37 @@ def _damage(path: Path, exc: Exception) -> DatasetError:
 
 
 def save_dataset(data: RecDataset, path: str | Path) -> Path:
-    """Write `data` in the reference trainer's format (plus our small META_FILE sidecar)."""
-    datasets = _require_datasets()
+    """Write `data` in the reference trainer's format (plus our small META_FILE sidecar).
+
+    The folder is written under a temporary name beside `path` and renamed into place once
+    whole, so that a crash never leaves a half-written dataset at `path` (the trainer builds
+    synthetic data when `data.path` is missing, and would otherwise find a broken one)."""
     path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_dataset(data, tmp)
+        _move_into_place(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished folder `tmp` to `path`; an existing `path` is set aside first and
+    deleted after."""
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    old = path.with_name(f".old-{path.name}-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_dataset(data: RecDataset, path: Path) -> None:
+    datasets = _require_datasets()
     items = data.items
     n = items.num_items
     info = {
@@ -322,7 +352,6 @@ def save_dataset(data: RecDataset, path: str | Path) -> Path:
     datasets.DatasetDict(dd).save_to_disk(str(path))
     meta = dict(data.meta, category=data.category)
     (path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return path
 
 
 def split_from_rows(rows: list[dict]) -> Split:

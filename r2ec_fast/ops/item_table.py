@@ -1,6 +1,7 @@
 """`ItemTable`: the rec head H_V, one row per item, as the trainer holds it (DESIGN §4.1)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -109,15 +110,22 @@ class ItemTable:
 
     def save(self, path: str | Path) -> Path:
         """Write the table as a safetensors file: tensor "weight" [V, d] exactly as held (cosine
-        rows already normalised), similarity and format version in the file's metadata."""
+        rows already normalised), similarity and format version in the file's metadata. The
+        file is written under a temporary name beside `path` and renamed over it once whole:
+        a crash leaves the previous file or none, never a truncated one."""
         from safetensors.torch import save_file
 
         path = Path(path)
         metadata = {"format": FILE_FORMAT, "version": FILE_VERSION,
                     "similarity": self.similarity, "dtype": str(self.dtype).replace("torch.", ""),
                     "num_items": str(self.num_items), "dim": str(self.dim)}
-        save_file({"weight": self.weight.detach().contiguous().cpu()}, str(path),
-                  metadata=metadata)
+        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+        try:
+            save_file({"weight": self.weight.detach().contiguous().cpu()}, str(tmp),
+                      metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod

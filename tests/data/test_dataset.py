@@ -140,3 +140,36 @@ def test_prompts():
         item_prompt(data.items, 0)
     with pytest.raises(ValueError, match="markers"):
         PromptConfig(answer_start="x", answer_end="x")
+
+
+def test_interrupted_save_leaves_no_half_written_folder(tmp_path, monkeypatch):
+    """The folder appears at its name only once whole: a save that dies after some splits
+    leaves nothing there (a fresh path) or the previous dataset (an overwrite), and no
+    temporary folder."""
+    import r2ec_fast.data.dataset as mod
+
+    real = datasets.DatasetDict.save_to_disk
+
+    def dies_after_writing(self, path, *a, **k):
+        real(self, path, *a, **k)
+        raise OSError("injected: killed mid-save")
+
+    path = tmp_path / "kitchen"
+    with monkeypatch.context() as m:
+        m.setattr(datasets.DatasetDict, "save_to_disk", dies_after_writing)
+        with pytest.raises(OSError, match="injected"):
+            save_dataset(small_dataset(), path)
+    assert list(tmp_path.iterdir()) == []
+    save_dataset(small_dataset(), path)
+    data = small_dataset()
+    data.meta["source"] = "second"
+    with monkeypatch.context() as m:
+        m.setattr(mod, "_move_into_place", lambda tmp, final: (_ for _ in ()).throw(
+            OSError("injected: killed before the rename")))
+        with pytest.raises(OSError, match="injected"):
+            save_dataset(data, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["kitchen"]
+    assert load_dataset(path).meta["source"] == "test"
+    save_dataset(data, path)  # an overwrite that completes
+    assert [p.name for p in tmp_path.iterdir()] == ["kitchen"]
+    assert load_dataset(path).meta["source"] == "second"

@@ -65,3 +65,24 @@ def test_wrong_files(tmp_path):
     short.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 8)
     with pytest.raises(ValueError):
         ItemTable.load(short)
+
+
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    """A save that dies half-way (here: after writing half the bytes) leaves the old table
+    whole at its name and no temporary file behind."""
+    import safetensors.torch as st
+
+    path = tmp_path / "items.safetensors"
+    old = ItemTable(torch.randn(10, 4), similarity="dot")
+    old.save(path)
+
+    def dies_half_way(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError("injected: disk full")
+
+    monkeypatch.setattr(st, "save_file", dies_half_way)
+    with pytest.raises(OSError, match="injected"):
+        ItemTable(torch.randn(10, 4), similarity="dot").save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["items.safetensors"]
+    assert torch.equal(ItemTable.load(path).weight, old.weight)
