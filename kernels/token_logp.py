@@ -40,6 +40,27 @@ the same bit for bit on every run.
   not an fp32 copy of the [Vocab, d] gradient (2.4 GB for Gemma-2-2B). Not launched at all
   when the weight is frozen.
 
+Those two fused passes are kept as BACKWARD = "fused". The default, "chunked", streams the
+vocabulary in chunks sized from DZ_BUDGET_BYTES, each chunk in a fixed order:
+
+    dZ_c = coef(H W_c^T)   one Triton kernel: the logits tile (tl.dot) and every elementwise
+                           step (softcap, temperature, p from the saved statistics, the target's
+                           one-hot, the entropy term, the per-token upstream gradients, ignored
+                           tokens) in its epilogue; dZ_c in the weight's dtype (16-bit operands)
+    dH32 += dZ_c W_c       cuBLAS (fp32 output and accumulation)
+    dW[c] = dZ_c^T H       cuBLAS, written once per chunk; skipped for a frozen weight
+
+Why (DESIGN §8.1, H200 at T = 8192, d = 2304, V = 256,000): the fused passes own an output
+block and walk the other axis, so their [BLOCK, d] fp32 accumulators (1.2 MB at d = 2304)
+cannot stay on chip and are re-read and re-written per tile, about 600 GB in all, and they
+recompute the logits twice: 429 ms measured for the backward against 3 GEMMs' 43 ms. The
+chunked design recomputes the logits once and leaves the two gradient products to cuBLAS's
+tensor-core GEMMs, whose speed needs no tuning here; the only T x V-sized memory is one
+chunk of dZ. Determinism: each dW slice is written once, dH accumulates over the chunks in
+a fixed order, and cuBLAS is bitwise reproducible on one stream for a fixed toolkit and GPU.
+Not yet timed on a GPU (no GPU was lent to the session that wrote it): `bench --op token_logp`
+times both designs side by side, so the default can be checked against the fused passes.
+
 Targets are int64 with -1 for ignored tokens: they get logp = entropy = 0 and no gradient.
 Offsets into the weight are int64 (Vocab x d passes 2^31 for large vocabularies).
 """
@@ -51,6 +72,16 @@ import triton.language as tl
 
 from ._common import _empty, _interpreting, _mma, _num_sms, _splits
 
+# the backward's design (module docstring): "chunked" (default) or "fused"
+BACKWARD = "chunked"
+BACKWARDS = ("chunked", "fused")
+# the chunked backward's dZ chunk [T, Vc] stays under this many bytes; Vc a multiple of
+# CHUNK_MULTIPLE (tests lower both to cross chunk boundaries on small shapes). Beyond the two
+# gradients the backward holds dZ, the fp32 grad hidden and a copy of H with ignored rows
+# zeroed: at Gemma-2-2B, T = 8192, 64 + 72 + 36 MiB against 1,161 MiB of gradients (1.15x;
+# the benchmark's check is 1.2x), and Vc = 4,096 keeps each GEMM large (0.15 TFLOP)
+DZ_BUDGET_BYTES = 64 << 20
+CHUNK_MULTIPLE = 256
 # fp32 partial sums of grad_hidden over vocabulary splits stay under this many bytes
 SPLIT_PARTIAL_BYTES = 64 << 20
 
@@ -325,6 +356,30 @@ def _token_logp_bwd_weight_kernel(
             tl.debug_barrier()  # the scratch is zeroed again for the next tile
 
 
+@triton.jit
+def _token_logp_dz_kernel(
+    H, W, TGT, STATS, G_LP, G_ENT, DZ,
+    T, V, D, v_begin, v_end, inv_cap, z_scale, inv_temp,
+    stride_ht, stride_hd, stride_wv, stride_wd, stride_zt,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """DZ[t, v - v_begin] = dL/dx[t, v] for the vocabulary chunk [v_begin, v_end), in DZ's
+    dtype; ignored tokens' rows are exactly 0."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = v_begin + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < T
+    col_mask = cols < v_end
+    tgt, m, log_l, mean_zm, g_lp, g_ent = _load_token_grads(TGT, STATS, G_LP, G_ENT, T, rows,
+                                                            row_mask, ENTROPY)
+    y = _logits_tile(H, W, rows, cols, row_mask, col_mask, D, stride_ht, stride_hd, stride_wv,
+                     stride_wd, inv_cap, BLOCK_T, BLOCK_V, BLOCK_D, SOFTCAP, DOT_F32)
+    coef = _grad_logits(y, cols, col_mask, tgt, m, log_l, mean_zm, g_lp, g_ent, z_scale,
+                        inv_temp, SOFTCAP, ENTROPY)
+    out = DZ + rows.to(tl.int64)[:, None] * stride_zt + (cols - v_begin)[None, :]
+    tl.store(out, coef.to(DZ.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -408,21 +463,82 @@ def token_logp_forward(hidden, weight, targets, softcap, temperature: float,
 
 def token_logp_backward(hidden, weight, targets, stats, grad_logp, grad_entropy,
                         softcap, temperature: float, need_hidden: bool, need_weight: bool,
-                        config: dict | None = None):
+                        config: dict | None = None, design: str | None = None):
     """(grad_hidden in hidden's dtype or None, grad_weight in weight's dtype or None) of
     sum_t grad_logp[t] logp[t] + grad_entropy[t] entropy[t]; `grad_entropy` may be None.
     `stats` is the forward's [3, T] fp32 (with E_p[z] - z_max when there is an entropy
-    gradient);
-    upstream gradients are fp32 [T]."""
+    gradient); upstream gradients are fp32 [T]. `design`: "chunked" or "fused" (module
+    docstring), else BACKWARD."""
     _check_operands(hidden, weight, targets)
+    n_tokens = hidden.shape[0]
+    if stats.shape != (3, n_tokens) or stats.dtype != torch.float32 or not stats.is_contiguous():
+        raise ValueError(f"stats must be the forward's contiguous fp32 [3, {n_tokens}], got "
+                         f"{stats.dtype} {tuple(stats.shape)}")
+    design = BACKWARD if design is None else design
+    if design not in BACKWARDS:
+        raise ValueError(f"design={design!r}; choose one of {BACKWARDS}")
+    run = _chunked_backward if design == "chunked" else _fused_backward
+    return run(hidden, weight, targets, stats, grad_logp, grad_entropy, softcap, temperature,
+               need_hidden, need_weight, config)
+
+
+def chunk_columns(n_tokens: int, vocab: int, itemsize: int) -> int:
+    """Vocabulary columns of one dZ chunk [T, Vc]: a multiple of CHUNK_MULTIPLE under
+    DZ_BUDGET_BYTES (at least one multiple), never more than the vocabulary."""
+    fit = DZ_BUDGET_BYTES // max(1, n_tokens * itemsize)
+    cols = max(CHUNK_MULTIPLE, fit // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
+    return min(cols, vocab)
+
+
+def _chunked_backward(hidden, weight, targets, stats, grad_logp, grad_entropy, softcap,
+                      temperature, need_hidden, need_weight, config):
+    """The vocabulary-chunked design (module docstring): dZ per chunk by
+    `_token_logp_dz_kernel`, the two gradient products by `r2ec_fast.ops._gemm`."""
+    from r2ec_fast.ops._gemm import addmm_f32_, mm_into
+
+    n_tokens, d = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    dot_f32, cast_coef = _dot_modes(hidden, weight)
+    block_t, block_v, block_d, _, launch = _config(n_tokens, d, dot_f32, config)
+    entropy = grad_entropy is not None
+    dz_dtype = weight.dtype if cast_coef else torch.float32
+    cols = chunk_columns(n_tokens, vocab, torch.empty((), dtype=dz_dtype).element_size())
+    dz = _empty((n_tokens, cols), dz_dtype, dev)
+    inv_cap, z_scale, inv_temp = _scales(softcap, temperature)
+    grad_hidden = torch.zeros((n_tokens, d), dtype=torch.float32, device=dev) \
+        if need_hidden else None
+    grad_weight = _empty((vocab, d), weight.dtype, dev) if need_weight else None
+    # ignored tokens' rows of H are not read into dW: a NaN there (padding) is 0 x NaN
+    h_valid = torch.where((targets >= 0)[:, None], hidden, 0) if need_weight else None
+    if cast_coef and need_weight:
+        h_valid = h_valid.to(dz_dtype)
+    for v0 in range(0, vocab, cols):
+        v1 = min(v0 + cols, vocab)
+        chunk = dz[:, :v1 - v0]
+        _token_logp_dz_kernel[(triton.cdiv(n_tokens, block_t), triton.cdiv(v1 - v0, block_v))](
+            hidden, weight, targets, stats, grad_logp,
+            grad_logp if grad_entropy is None else grad_entropy, chunk, n_tokens, vocab, d, v0,
+            v1, inv_cap, z_scale, inv_temp, hidden.stride(0), hidden.stride(1),
+            weight.stride(0), weight.stride(1), chunk.stride(0), BLOCK_T=block_t,
+            BLOCK_V=block_v, BLOCK_D=block_d, SOFTCAP=softcap is not None, ENTROPY=entropy,
+            DOT_F32=dot_f32, **launch)
+        w_chunk = weight[v0:v1]
+        if need_hidden:
+            addmm_f32_(grad_hidden, chunk, w_chunk)
+        if need_weight:
+            mm_into(grad_weight[v0:v1], chunk.T, h_valid)
+    return (grad_hidden.to(hidden.dtype) if need_hidden else None), grad_weight
+
+
+def _fused_backward(hidden, weight, targets, stats, grad_logp, grad_entropy, softcap,
+                    temperature, need_hidden, need_weight, config):
+    """The two fused passes (module docstring)."""
     n_tokens, d = hidden.shape
     vocab = weight.shape[0]
     dot_f32, cast_coef = _dot_modes(hidden, weight)
     block_t, block_v, block_d, programs, launch = _config(n_tokens, d, dot_f32, config)
     entropy = grad_entropy is not None
-    if stats.shape != (3, n_tokens) or stats.dtype != torch.float32 or not stats.is_contiguous():
-        raise ValueError(f"stats must be the forward's contiguous fp32 [3, {n_tokens}], got "
-                         f"{stats.dtype} {tuple(stats.shape)}")
     dev = hidden.device
     inv_cap, z_scale, inv_temp = _scales(softcap, temperature)
     common = (n_tokens, vocab, d)

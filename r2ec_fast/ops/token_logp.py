@@ -28,11 +28,17 @@ from typing import Optional
 import torch
 
 from r2ec_fast.ops._backend import resolve_backend
+from r2ec_fast.ops._gemm import addmm_f32_, mm_f32, mm_into
 
 IGNORE_INDEX = -100
-# elements of one [token chunk, vocabulary chunk] block of fp32 logits (4 MiB)
+# CPU: elements of one [token chunk, vocabulary chunk] block of fp32 logits (4 MiB)
 BLOCK_ELEMS = 1 << 20
 TOKEN_CHUNK = 512
+# CUDA: every token in one chunk, so that each weight-gradient slice is written once in the
+# weight's dtype (no fp32 [Vocab, d] buffer), and vocabulary chunks of fp32 logits up to this
+# many bytes, a multiple of CUDA_CHUNK_MULTIPLE columns (Gemma-2-2B, T = 8192: 4,096 columns)
+CUDA_BLOCK_BYTES = 128 << 20
+CUDA_CHUNK_MULTIPLE = 256
 
 
 def _check(hidden, weight, targets, softcap, temperature, ignore_index):
@@ -105,9 +111,20 @@ def linear_log_probs_reference(hidden, weight, targets, softcap=None, temperatur
     return logp, torch.where(valid, entropy, 0.0)
 
 
-def _blocks(n_tokens: int, vocab: int) -> tuple[int, int]:
+def _blocks(n_tokens: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """(token chunk, vocabulary chunk) of the torch path on `device`."""
+    if device.type == "cuda":
+        fit = CUDA_BLOCK_BYTES // (4 * max(1, n_tokens))
+        cols = max(CUDA_CHUNK_MULTIPLE, fit // CUDA_CHUNK_MULTIPLE * CUDA_CHUNK_MULTIPLE)
+        return max(1, n_tokens), max(1, min(vocab, cols))
     token_chunk = max(1, min(TOKEN_CHUNK, n_tokens))
     return token_chunk, max(1, min(vocab, BLOCK_ELEMS // token_chunk))
+
+
+def _operand(x: torch.Tensor) -> torch.Tensor:
+    """A GEMM operand as the torch path takes it: fp32 on the CPU (upcast once per chunk);
+    on CUDA its own dtype, so that 16-bit operands meet tensor cores (r2ec_fast.ops._gemm)."""
+    return x if x.is_cuda else x.float()
 
 
 def _forward_chunk(h, weight, tgt, valid, softcap, temperature, vocab_chunk, want_entropy):
@@ -122,7 +139,7 @@ def _forward_chunk(h, weight, tgt, valid, softcap, temperature, vocab_chunk, wan
     y_tgt = torch.zeros(n, device=h.device)
     for a in range(0, weight.shape[0], vocab_chunk):
         b = min(a + vocab_chunk, weight.shape[0])
-        y = _capped(h @ weight[a:b].float().T, softcap)  # [Tc, Vc]
+        y = _capped(mm_f32(h, _operand(weight[a:b]).T), softcap)  # [Tc, Vc] fp32
         inside = valid & (tgt >= a) & (tgt < b)
         y_tgt += torch.where(inside, y.gather(1, (tgt - a).clamp(0, b - a - 1)[:, None])[:, 0], 0.0)
         block_max = y.amax(1)
@@ -143,17 +160,18 @@ def _forward_chunk(h, weight, tgt, valid, softcap, temperature, vocab_chunk, wan
 
 
 def _backward_chunk(h, weight, tgt, valid, stats, g_logp, g_ent, softcap, temperature,
-                    vocab_chunk, grad_w):
-    """grad of the token chunk's hidden rows [Tc, d]; adds into grad_w [V, d] when given.
-    `stats` [3, Tc] = (y_max, log L, E_p[z] - z_max)."""
+                    vocab_chunk, grad_w, write_w):
+    """fp32 grad of the token chunk's hidden rows [Tc, d]; into grad_w [V, d] when given:
+    written (`write_w`, the chunk holds every token) or added (fp32 grad_w). `stats`
+    [3, Tc] = (y_max, log L, E_p[z] - z_max)."""
     h = torch.where(valid[:, None], h, 0.0)  # an ignored NaN row: no 0 x NaN into grad_w
     m, log_l, mean_zm = stats[0, :, None], stats[1, :, None], stats[2, :, None]
     z_scale = _z_scale(softcap, temperature)
-    grad_h = torch.zeros_like(h)
+    grad_h = torch.zeros(h.shape, device=h.device)
     for a in range(0, weight.shape[0], vocab_chunk):
         b = min(a + vocab_chunk, weight.shape[0])
-        w = weight[a:b].float()
-        y = _capped(h @ w.T, softcap)  # [Tc, Vc]
+        w = _operand(weight[a:b])
+        y = _capped(mm_f32(h, w.T), softcap)  # [Tc, Vc] fp32
         zm = (y - m) * z_scale  # z - z_max
         p = torch.exp(zm - log_l)
         # d/dz of g_logp * (z_tgt - lse) + g_ent * (lse - sum p z); z - E_p[z] = zm - mean_zm
@@ -165,22 +183,26 @@ def _backward_chunk(h, weight, tgt, valid, stats, g_logp, g_ent, softcap, temper
                           torch.where(inside, g_logp, 0.0)[:, None])
         coef = coef * _dz_dx(y, softcap, temperature)
         coef = torch.where(valid[:, None], coef, 0.0)
-        grad_h.addmm_(coef, w)
-        if grad_w is not None:
-            grad_w[a:b].addmm_(coef.T, h)
+        if w.dtype == h.dtype != torch.float32:  # rounded as plain PyTorch rounds dL/dlogits
+            coef = coef.to(w.dtype)
+        addmm_f32_(grad_h, coef, w)
+        if grad_w is not None and write_w:
+            mm_into(grad_w[a:b], coef.T, h)
+        elif grad_w is not None:
+            addmm_f32_(grad_w[a:b], coef.T, h)
     return grad_h
 
 
 def _torch_forward(hidden, weight, tgt, valid, softcap, temperature, want_entropy):
     """(logp [T], entropy [T], row statistics [3, T]) fp32 by the blocked torch path."""
     n_tokens = hidden.shape[0]
-    token_chunk, vocab_chunk = _blocks(n_tokens, weight.shape[0])
+    token_chunk, vocab_chunk = _blocks(n_tokens, weight.shape[0], hidden.device)
     stats = torch.empty(3, n_tokens, device=hidden.device)
     y_tgt = torch.empty(n_tokens, device=hidden.device)
     for s in range(0, n_tokens, token_chunk):
         e = min(s + token_chunk, n_tokens)
         stats[:, s:e], y_tgt[s:e] = _forward_chunk(
-            hidden[s:e].float(), weight, tgt[s:e], valid[s:e], softcap, temperature,
+            _operand(hidden[s:e]), weight, tgt[s:e], valid[s:e], softcap, temperature,
             vocab_chunk, want_entropy)
     m, log_l, mean_zm = stats
     logp = torch.where(valid, (y_tgt - m) * _z_scale(softcap, temperature) - log_l, 0.0)
@@ -192,14 +214,18 @@ def _torch_forward(hidden, weight, tgt, valid, softcap, temperature, want_entrop
 def _torch_backward(hidden, weight, tgt, valid, stats, g_logp, g_ent, softcap, temperature,
                     need_h, need_w):
     n_tokens = hidden.shape[0]
-    token_chunk, vocab_chunk = _blocks(n_tokens, weight.shape[0])
-    grad_w = torch.zeros(weight.shape, device=weight.device) if need_w else None
+    token_chunk, vocab_chunk = _blocks(n_tokens, weight.shape[0], hidden.device)
+    write_w = token_chunk >= n_tokens  # one token chunk: each slice of grad_w written once
+    grad_w = None
+    if need_w:
+        grad_w = (torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if write_w
+                  else torch.zeros(weight.shape, device=weight.device))
     grad_h = torch.empty(hidden.shape, device=hidden.device) if need_h else None
     for s in range(0, n_tokens, token_chunk):
         e = min(s + token_chunk, n_tokens)
-        gh = _backward_chunk(hidden[s:e].float(), weight, tgt[s:e], valid[s:e], stats[:, s:e],
-                             g_logp[s:e], None if g_ent is None else g_ent[s:e], softcap,
-                             temperature, vocab_chunk, grad_w)
+        gh = _backward_chunk(_operand(hidden[s:e]), weight, tgt[s:e], valid[s:e],
+                             stats[:, s:e], g_logp[s:e], None if g_ent is None else g_ent[s:e],
+                             softcap, temperature, vocab_chunk, grad_w, write_w)
         if need_h:
             grad_h[s:e] = gh
     return (grad_h.to(hidden.dtype) if need_h else None,

@@ -446,6 +446,8 @@ def token_cases(draw, backend: str) -> dict:
     # torch backend: blocks of (tokens, vocabulary rows); None: the defaults (one block here)
     p["blocks"] = None if backend != "torch" else draw(
         st.sampled_from([None, (5, 7), (4, 3), (16, 33)]))
+    # triton backend: the chunked backward's dZ chunks of this many fp32 columns (None: one)
+    p["chunk"] = None if backend != "triton" else draw(st.sampled_from([None, 8, 16, 40]))
     return p
 
 
@@ -494,6 +496,11 @@ def check_linear_log_probs(p: dict, backend: str) -> None:
     blocks = [] if p.get("blocks") is None else [
         (mod, "TOKEN_CHUNK", p["blocks"][0]),
         (mod, "BLOCK_ELEMS", p["blocks"][0] * p["blocks"][1])]
+    if p.get("chunk") is not None:
+        from r2ec_fast.kernels import token_logp as kern
+
+        blocks += [(kern, "CHUNK_MULTIPLE", 8),
+                   (kern, "DZ_BUDGET_BYTES", p["t"] * p["chunk"] * 4)]
     with poisoned(backend, "token_logp"), patched(*blocks):
         ours = run_tokens(linear_log_probs, p, hidden, weight, targets, g_lp, g_ent, dt_h, dt_w,
                           backend=backend)

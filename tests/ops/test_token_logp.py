@@ -23,9 +23,15 @@ def make_case(t, v, d, dtype=F32, seed=0, peaked=False, ignore=True):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 5 tokens x 7 vocabulary rows: every boundary is crossed on small shapes."""
+    """Blocks of 5 tokens x 7 vocabulary rows (torch), and the Triton backward's dZ chunks
+    of 8 or 16 vocabulary columns, below the interpreter's 32-column tile: every boundary is
+    crossed on small shapes."""
+    from r2ec_fast.kernels import token_logp as kern
+
     monkeypatch.setattr(mod, "TOKEN_CHUNK", 5)
     monkeypatch.setattr(mod, "BLOCK_ELEMS", 35)
+    monkeypatch.setattr(kern, "CHUNK_MULTIPLE", 8)
+    monkeypatch.setattr(kern, "DZ_BUDGET_BYTES", 23 * 16 * 4)  # T = 23 fp32: 16 columns
 
 
 CAPS = [(None, 1.0), (30.0, 1.0), (None, 0.7), (5.0, 2.0)]
@@ -67,7 +73,7 @@ def test_frozen_weight_gets_no_gradient_work(small_blocks, monkeypatch):
     calls = []
     real = mod._backward_chunk
     monkeypatch.setattr(mod, "_backward_chunk",
-                        lambda *a: calls.append(a[-1]) or real(*a))
+                        lambda *a: calls.append(a[-2]) or real(*a))  # grad_w
     h = hidden.clone().requires_grad_()
     linear_log_probs(h, weight, targets, backend="torch").sum().backward()
     assert weight.grad is None and calls and all(gw is None for gw in calls)
@@ -202,13 +208,19 @@ def poisoned(monkeypatch):
     return kern
 
 
+@pytest.mark.parametrize("design", ["chunked", "fused"])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
-def test_triton_launchers_cross_every_boundary(poisoned, dtype):
+def test_triton_launchers_cross_every_boundary(poisoned, monkeypatch, dtype, design):
     """Tiles of 16 tokens x 32 vocabulary rows x 16 features against T = 37, Vocab = 300,
-    d = 40: three token blocks, ten vocabulary tiles shared by three persistent weight-gradient
-    programs (so each program reuses its scratch), several forward splits, and a partial last
-    block on every axis. fp32 accumulates the weight gradient in place, bf16 in the scratch."""
+    d = 40: three token blocks, ten vocabulary tiles, several forward splits, and a partial
+    last block on every axis. Fused: the tiles shared by three persistent weight-gradient
+    programs (so each program reuses its scratch); fp32 accumulates the weight gradient in
+    place, bf16 in the scratch. Chunked: dZ chunks of 96 columns (three tiles, the last one
+    partial), the last chunk 12 columns."""
     kern = poisoned
+    monkeypatch.setattr(kern, "CHUNK_MULTIPLE", 32)
+    monkeypatch.setattr(kern, "DZ_BUDGET_BYTES", 37 * 96 * (4 if dtype == F32 else 2))
+    assert kern.chunk_columns(37, 300, 4 if dtype == F32 else 2) == 96
     hidden, weight, targets = make_case(37, 300, 40, dtype, seed=11, peaked=True)
     tgt = torch.where(targets == -100, -1, targets)
     g = torch.Generator().manual_seed(12)
@@ -217,7 +229,7 @@ def test_triton_launchers_cross_every_boundary(poisoned, dtype):
     logp, ent, stats = kern.token_logp_forward(hidden, weight, tgt, 30.0, 0.8, True,
                                                config=config)
     grad_h, grad_w = kern.token_logp_backward(hidden, weight, tgt, stats, g_logp, g_ent, 30.0,
-                                              0.8, True, True, config=config)
+                                              0.8, True, True, config=config, design=design)
     ref = reference_grads(hidden, weight, targets, 30.0, 0.8, g_logp, g_ent)
     plain_h = hidden.clone().requires_grad_()
     plain_w = weight.clone().requires_grad_()
@@ -233,11 +245,15 @@ def test_triton_launchers_cross_every_boundary(poisoned, dtype):
     assert logp[1] == 0 and ent[1] == 0 and (grad_h[1] == 0).all()
 
 
-def test_triton_backward_is_deterministic_and_split_independent(monkeypatch):
+@pytest.mark.parametrize("design", ["chunked", "fused"])
+def test_triton_backward_is_deterministic_and_split_independent(monkeypatch, design):
     """Same inputs, same bits; summing grad_hidden over one or several vocabulary splits
-    agrees to fp32 rounding."""
+    (fused), or over dZ chunks of another width (chunked), agrees to fp32 rounding."""
     from r2ec_fast.kernels import token_logp as kern
 
+    monkeypatch.setattr(kern, "BACKWARD", design)
+    monkeypatch.setattr(kern, "CHUNK_MULTIPLE", 16)
+    monkeypatch.setattr(kern, "DZ_BUDGET_BYTES", 20 * 48 * 4)  # 48 columns: 4 chunks
     hidden, weight, targets = make_case(20, 150, 24, seed=13)
     g_logp = torch.randn(20, generator=torch.Generator().manual_seed(14))
 
@@ -248,19 +264,31 @@ def test_triton_backward_is_deterministic_and_split_independent(monkeypatch):
 
     first, second = grads(), grads()
     assert all(torch.equal(a, b) for a, b in zip(first, second))
-    monkeypatch.setattr(kern, "SPLIT_PARTIAL_BYTES", 1)  # one split: no partial sums
+    if design == "fused":
+        monkeypatch.setattr(kern, "SPLIT_PARTIAL_BYTES", 1)  # one split: no partial sums
+    else:
+        monkeypatch.setattr(kern, "DZ_BUDGET_BYTES", 1 << 20)  # one chunk
     single = grads()
-    assert rel_error(single[0], first[0]) < 1e-6 and torch.equal(single[1], first[1])
+    assert rel_error(single[0], first[0]) < 1e-6 and rel_error(single[1], first[1]) < 1e-6
+    if design == "fused":
+        assert torch.equal(single[1], first[1])
 
 
-def test_triton_frozen_weight_launches_no_weight_kernel(monkeypatch):
+@pytest.mark.parametrize("design", ["chunked", "fused"])
+def test_triton_frozen_weight_launches_no_weight_kernel(monkeypatch, design):
     from r2ec_fast.kernels import token_logp as kern
+    from r2ec_fast.ops import _gemm
 
     class Forbidden:
         def __getitem__(self, grid):
             raise AssertionError("the weight-gradient kernel ran for a frozen weight")
 
+    def forbidden_gemm(*args):
+        raise AssertionError("the weight-gradient GEMM ran for a frozen weight")
+
+    monkeypatch.setattr(kern, "BACKWARD", design)
     monkeypatch.setattr(kern, "_token_logp_bwd_weight_kernel", Forbidden())
+    monkeypatch.setattr(_gemm, "mm_into", forbidden_gemm)
     hidden, weight, targets = make_case(9, 70, 16, seed=15)
     h = hidden.clone().requires_grad_()
     logp, ent = linear_log_probs(h, weight, targets, None, 1.0, return_entropy=True,
@@ -269,6 +297,17 @@ def test_triton_frozen_weight_launches_no_weight_kernel(monkeypatch):
     g = torch.ones(9)
     ref = reference_grads(hidden, weight, targets, None, 1.0, g, g)
     assert weight.grad is None and rel_error(h.grad, ref[2]) < 1e-5
+
+
+def test_backward_design_is_checked():
+    from r2ec_fast.kernels import token_logp as kern
+
+    hidden, weight, targets = make_case(3, 10, 8, seed=16)
+    tgt = torch.where(targets == -100, -1, targets)
+    _, _, stats = kern.token_logp_forward(hidden, weight, tgt, None, 1.0, False)
+    with pytest.raises(ValueError, match="design='tiled'"):
+        kern.token_logp_backward(hidden, weight, tgt, stats, torch.ones(3), None, None, 1.0,
+                                 True, True, design="tiled")
 
 
 @pytest.mark.parametrize("h_dtype,w_dtype", [(F32, BF16), (torch.float16, torch.float16),
@@ -286,15 +325,52 @@ def test_triton_mixed_dtypes_and_strided_inputs(h_dtype, w_dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("design", ["chunked", "fused"])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 @pytest.mark.parametrize("n_tokens", [37, 700])
-def test_gpu_triton_matches_float64(dtype, n_tokens):
+def test_gpu_triton_matches_float64(monkeypatch, dtype, n_tokens, design):
     """On a real GPU: compiled kernels at Gemma-2's d and softcap, a vocabulary that is not a
-    multiple of any block, short (split vocabulary) and long (token blocks) sequences."""
+    multiple of any block, short (split vocabulary) and long (token blocks) sequences; the
+    chunked backward over several dZ chunks."""
+    from r2ec_fast.kernels import token_logp as kern
+
+    monkeypatch.setattr(kern, "BACKWARD", design)
+    monkeypatch.setattr(kern, "DZ_BUDGET_BYTES", n_tokens * 8192 * 2)  # 7 chunks
     hidden, weight, targets = make_case(n_tokens, 50021, 2304, dtype, seed=n_tokens, peaked=True)
     dev = torch.device("cuda")
     assert_matches_float64(hidden.to(dev), weight.to(dev), targets.to(dev), 30.0, 0.9,
                            TOLERANCE[dtype], 18, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_gpu_torch_backend_matches_float64(monkeypatch, dtype):
+    """The torch backend on CUDA: every token in one chunk, vocabulary chunks of 1,024."""
+    monkeypatch.setattr(mod, "CUDA_BLOCK_BYTES", 700 * 1024 * 4)
+    hidden, weight, targets = make_case(700, 50021, 2304, dtype, seed=3, peaked=True)
+    dev = torch.device("cuda")
+    assert_matches_float64(hidden.to(dev), weight.to(dev), targets.to(dev), 30.0, 0.9,
+                           TOLERANCE[dtype], 18, backend="torch")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_torch_backend_cuda_layout_on_cpu(monkeypatch, dtype):
+    """The torch path as it runs on CUDA (one token chunk; each weight-gradient slice written
+    once in the weight's dtype, no fp32 [Vocab, d] buffer), here on the CPU's fp32 operands:
+    vocabulary chunks of 7 against Vocab = 61."""
+    monkeypatch.setattr(mod, "_blocks", lambda n_tokens, vocab, device: (n_tokens, 7))
+    hidden, weight, targets = make_case(23, 61, 40, dtype, seed=5, peaked=True)
+    ours = assert_matches_float64(hidden, weight, targets, 30.0, 0.9, TOLERANCE[dtype], 6,
+                                  backend="torch")
+    assert ours[3].dtype == dtype and ours[2].dtype == dtype
+
+
+def test_cuda_blocks_fit_the_budget():
+    cuda = torch.device("cuda")
+    assert mod._blocks(8192, 256000, cuda) == (8192, 4096)  # 128 MiB of fp32 logits
+    assert mod._blocks(3, 100, cuda) == (3, 100)
+    assert mod._blocks(10 ** 6, 256000, cuda) == (10 ** 6, mod.CUDA_CHUNK_MULTIPLE)
+    assert mod._blocks(8192, 256000, torch.device("cpu")) == (512, 2048)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
