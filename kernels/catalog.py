@@ -9,6 +9,14 @@ its split in BLOCK_V tiles and writes partial (max, sum-exp, count-above[, top-k
 small kernel merges the partials. Backward streams the catalog again with the saved lse; every
 output element is owned by exactly one program (no atomics), so results are deterministic.
 
+The backward's default design (BACKWARD = "chunked", DESIGN §8.1) streams the catalog in
+chunks of at most DS_BUDGET_BYTES of dS: per chunk one Triton kernel writes
+dS = g (1[v = target] - p) item_scale in the table's dtype, then cuBLAS adds dS X_c into an
+fp32 user gradient and writes scale dS^T U into the chunk's rows of the item gradient. The
+former per-output-tile passes ("fused") re-read and re-wrote their fp32 partial sums per
+tile (a 618 MB partial buffer and ~74 GB of traffic at N = 512, |V| = 1e6, d = 2304; 0.71x
+plain PyTorch on an H100) and are kept for comparison. Not yet timed on a GPU.
+
 Offsets into the table are int64: |V| * d passes 2^31 at |V| = 1e6, d = 2304 (an int32
 product wrapped and faulted there).
 
@@ -24,6 +32,13 @@ import triton.language as tl
 
 from ._common import _empty, _interpreting, _mma, _splits
 
+# the backward's design (module docstring): "chunked" (default) or "fused"
+BACKWARD = "chunked"
+BACKWARDS = ("chunked", "fused")
+# the chunked backward's dS chunk [N, Vc] stays under this many bytes, Vc a multiple of
+# CHUNK_MULTIPLE (N = 512, bf16: 65,536 items per chunk)
+DS_BUDGET_BYTES = 64 << 20
+CHUNK_MULTIPLE = 256
 # key of a score of -inf with id 0xFFFFFFFF: below every real (score, id) key
 EMPTY_KEY = ((0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)) << 32
 
@@ -272,6 +287,38 @@ def _catalog_bwd_items_kernel(
             tl.store(out_base + dd[None, :], acc, mask=o_mask)
 
 
+@triton.jit
+def _catalog_ds_kernel(
+    U, U_LO, X, TGT, LSE, G, EXCL, DS,
+    N, V, D, L, v_begin, v_end, scale,
+    stride_un, stride_ud, stride_xv, stride_xd, stride_en, stride_el, stride_sn,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_EXCL: tl.constexpr, EXCL_PAD: tl.constexpr,
+    SPLIT_U: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """DS[n, v - v_begin] = g[n] (1[v = tgt[n]] - p[n, v]) item_scale[v] for the catalog chunk
+    [v_begin, v_end), in DS's dtype: the gradient of the user rows is DS X_c."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    v0 = v_begin + tl.program_id(1) * BLOCK_V
+    cols = v0 + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < v_end
+    tgt = tl.load(TGT + rows, mask=row_mask, other=-1)
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    g = tl.load(G + rows, mask=row_mask, other=0.0)
+    ex_block = _load_exclusions(EXCL, rows, row_mask, L, stride_en, stride_el, HAS_EXCL,
+                                EXCL_PAD)
+    s, item_scale = _tile_scores(U, U_LO, X, rows, cols, row_mask, col_mask, D, stride_un,
+                                 stride_ud, stride_xv, stride_xd, scale, BLOCK_N, BLOCK_V,
+                                 BLOCK_D, NORMALIZE, SPLIT_U, DOT_F32)
+    valid = _valid_mask(EXCL, ex_block, rows, cols, v0, row_mask, col_mask, L, stride_en,
+                        stride_el, BLOCK_V, HAS_EXCL, EXCL_PAD)
+    p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+    coef = ((cols[None, :] == tgt[:, None]).to(tl.float32) - p) * g[:, None] * item_scale[None, :]
+    out = DS + rows.to(tl.int64)[:, None] * stride_sn + (cols - v_begin)[None, :]
+    tl.store(out, coef.to(DS.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -374,10 +421,68 @@ def catalog_forward(user, items, target, target_score, exclude, scale: float, no
 
 def catalog_backward(user, items, target, lse, grad, exclude, scale: float,
                      normalize: bool, need_user: bool, need_items: bool,
-                     config: dict | None = None):
+                     config: dict | None = None, design: str | None = None):
     """Gradients of sum_n g[n] * log p(target[n]) w.r.t. `user` ([N, d] fp32) and `items`
-    ([V, d] fp32, only with normalize=False); g = `grad` is the upstream gradient [N] fp32."""
+    ([V, d] fp32, only with normalize=False); g = `grad` is the upstream gradient [N] fp32.
+    `design`: "chunked" or "fused" (module docstring), else BACKWARD."""
     _check_operands(user, items, target, exclude)
+    design = BACKWARD if design is None else design
+    if design not in BACKWARDS:
+        raise ValueError(f"design={design!r}; choose one of {BACKWARDS}")
+    if need_items and normalize:
+        raise ValueError("item gradients need pre-normalised items (normalize=False)")
+    run = _chunked_backward if design == "chunked" else _fused_backward
+    return run(user, items, target, lse, grad, exclude, scale, normalize, need_user,
+               need_items, config)
+
+
+def chunk_columns(n_rows: int, n_items: int, itemsize: int) -> int:
+    """Items of one dS chunk [N, Vc]: a multiple of CHUNK_MULTIPLE under DS_BUDGET_BYTES (at
+    least one multiple), never more than the catalog."""
+    fit = DS_BUDGET_BYTES // max(1, n_rows * itemsize)
+    return min(n_items, max(CHUNK_MULTIPLE, fit // CHUNK_MULTIPLE * CHUNK_MULTIPLE))
+
+
+def _chunked_backward(user, items, target, lse, grad, exclude, scale, normalize, need_user,
+                      need_items, config):
+    """The catalog-chunked design (module docstring): dS per chunk by `_catalog_ds_kernel`,
+    the gradient products by `r2ec_fast.ops._gemm`."""
+    from r2ec_fast.ops._gemm import addmm_f32_, mm_into
+
+    n_rows, d = user.shape
+    n_items = items.shape[0]
+    block_n, block_v, block_d, dot_f32, launch = _blocks(n_rows, d, items.dtype, 0)
+    config = dict(config or {})
+    block_n, block_v = config.pop("block_n", block_n), config.pop("block_v", block_v)
+    block_d = config.pop("block_d", block_d)
+    config.pop("programs_per_sm", None)
+    launch.update(config)
+    excl = exclude if exclude is not None else target.view(-1, 1)
+    hi, lo, split_u = _split_user(user, items)
+    ds_dtype = items.dtype  # 16-bit tables: tensor-core GEMMs, as the fused passes cast
+    cols = chunk_columns(n_rows, n_items, items.element_size())
+    ds = _empty((n_rows, cols), ds_dtype, user.device)
+    grad_user = torch.zeros(n_rows, d, device=user.device) if need_user else None
+    grad_items = _empty((n_items, d), torch.float32, user.device) if need_items else None
+    for v0 in range(0, n_items, cols):
+        v1 = min(v0 + cols, n_items)
+        chunk = ds[:, :v1 - v0]
+        _catalog_ds_kernel[(triton.cdiv(n_rows, block_n), triton.cdiv(v1 - v0, block_v))](
+            hi, lo, items, target, lse, grad, excl, chunk, n_rows, n_items, d, excl.shape[1],
+            v0, v1, scale, hi.stride(0), hi.stride(1), items.stride(0), items.stride(1),
+            excl.stride(0), excl.stride(1), chunk.stride(0), BLOCK_N=block_n, BLOCK_V=block_v,
+            BLOCK_D=block_d, NORMALIZE=normalize, HAS_EXCL=exclude is not None,
+            EXCL_PAD=_excl_pad(excl), SPLIT_U=split_u, DOT_F32=dot_f32, **launch)
+        if need_user:
+            addmm_f32_(grad_user, chunk, items[v0:v1])
+        if need_items:  # normalize=False: item_scale is `scale` for every item
+            mm_into(grad_items[v0:v1], chunk.T, user)
+    return grad_user, grad_items
+
+
+def _fused_backward(user, items, target, lse, grad, exclude, scale, normalize, need_user,
+                    need_items, config):
+    """The per-output-tile passes (module docstring)."""
     n_rows, d = user.shape
     n_items = items.shape[0]
     block_n, block_v, block_d, dot_f32, launch = _blocks(n_rows, d, items.dtype, 0)
@@ -411,8 +516,6 @@ def catalog_backward(user, items, target, lse, grad, exclude, scale: float,
             DOT_F32=dot_f32, **launch)
         grad_user = part.sum(0)  # fixed-order reduction over splits: deterministic
     if need_items:
-        if normalize:
-            raise ValueError("item gradients need pre-normalised items (normalize=False)")
         grad_items = torch.zeros(n_items, d, device=user.device, dtype=torch.float32)
         _catalog_bwd_items_kernel[(triton.cdiv(n_items, block_v),)](
             user, user_lo, items, target, lse, grad, excl, grad_items,

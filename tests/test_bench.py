@@ -25,7 +25,7 @@ from r2ec_fast.testing import TOLERANCE
 
 REPO = Path(__file__).resolve().parent.parent
 MEASURED = ["plain rewards", "torch rewards", "plain fwd+bwd", "torch fwd+bwd"]
-CUDA_ONLY = ["triton rewards", "triton fwd+bwd"]
+CUDA_ONLY = ["triton rewards", "triton fwd+bwd", "triton fwd+bwd fused"]
 
 
 @pytest.fixture(scope="module")

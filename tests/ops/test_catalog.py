@@ -295,6 +295,72 @@ def test_log_prob_large_d_bitwise_deterministic(backend):
     assert rel_error(grads[0][0], u64.grad) < TOLERANCE[BF16]
 
 
+@pytest.mark.parametrize("chunk", [24, 64], ids=["chunk-below-tile", "chunk-over-tile"])
+@pytest.mark.parametrize("design", ["chunked", "fused"])
+@pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, BF16), (F32, BF16)], ids=str)
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_triton_log_prob_backward_designs(monkeypatch, design, dtypes, similarity, chunk):
+    """Both Triton backward designs against float64: the chunked one over dS chunks of 24
+    (under the interpreter's 32-item tile) or 64 items against |V| = 101 (a partial last
+    chunk), every buffer it must write poisoned first; an fp32 user against a bf16 table
+    takes the hi + lo split; item gradients with dot similarity (pre-normalised rows)."""
+    from r2ec_fast.kernels import catalog as kern
+
+    monkeypatch.setattr(kern, "_empty", poisoned_empty)
+    monkeypatch.setattr(kern, "BACKWARD", design)
+    monkeypatch.setattr(kern, "CHUNK_MULTIPLE", 8)
+    itemsize = torch.empty((), dtype=dtypes[1]).element_size()
+    monkeypatch.setattr(kern, "DS_BUDGET_BYTES", 19 * chunk * itemsize)
+    assert kern.chunk_columns(19, 101, itemsize) == chunk
+    items_grad = similarity == "dot"
+    temperature = 0.02 if similarity == "cosine" else 2.0
+    user, items, target, exclude = make_case(19, 101, 40, *dtypes, seed=33)
+    upstream = torch.randn(19, generator=torch.Generator().manual_seed(2))
+
+    def run(fn, u, x, **kw):
+        u = u.clone().requires_grad_()
+        x = x.clone().requires_grad_(items_grad)
+        lp = fn(u, x, target, exclude, temperature=temperature, similarity=similarity, **kw)
+        (lp * upstream.to(lp.dtype)).sum().backward()
+        return lp, u.grad, x.grad
+
+    ours = run(catalog_log_prob, user, items, backend="triton")
+    ref = run(catalog_log_prob_reference, user.double(), items.double())
+    plain = run(catalog_log_prob_reference, user, items, upcast=False)
+    tol = max(TOLERANCE[dtypes[0]], TOLERANCE[dtypes[1]])
+    names = ("logp", "grad user", "grad items") if items_grad else ("logp", "grad user")
+    for name, a, r, pl in zip(names, ours, ref, plain):
+        assert_three_way(a, r, pl, name, tol=tol)
+    assert ours[1].dtype == dtypes[0]
+
+
+def test_triton_chunked_backward_skips_item_gemm_for_a_frozen_table(monkeypatch):
+    from r2ec_fast.kernels import catalog as kern
+    from r2ec_fast.ops import _gemm
+
+    def forbidden(*args):
+        raise AssertionError("the item-gradient GEMM ran for a frozen table")
+
+    monkeypatch.setattr(kern, "BACKWARD", "chunked")
+    monkeypatch.setattr(_gemm, "mm_into", forbidden)
+    user, items, target, exclude = make_case(7, 50, 16, seed=35)
+    u = user.clone().requires_grad_()
+    catalog_log_prob(u, items, target, exclude, backend="triton").sum().backward()
+    u64 = user.double().requires_grad_()
+    catalog_log_prob_reference(u64, items.double(), target, exclude).sum().backward()
+    assert rel_error(u.grad, u64.grad) < 1e-5
+
+
+def test_catalog_backward_design_is_checked():
+    from r2ec_fast.kernels import catalog as kern
+
+    user, items, target, exclude = make_case(3, 10, 8, seed=36)
+    lse = torch.zeros(3)
+    with pytest.raises(ValueError, match="design='tiled'"):
+        kern.catalog_backward(user, items, target, lse, torch.ones(3), exclude, 50.0, True,
+                              True, False, design="tiled")
+
+
 def test_log_prob_never_drops_target():
     user, items, target, exclude = make_case(4, 40, 8, seed=41)
     exclude[:, 0] = target
