@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU test and benchmark in one command, in under 11 minutes, with all logs and JSON
+# Every GPU test and benchmark in one command, in under 14 minutes (stage limits), with all logs and JSON
 # reports left in one folder (DESIGN §7). For a CUDA machine without internet:
 #
 #   bash benchmarks/gpu_suite.sh [OUTDIR]     # default: benchmarks/results/gpu-<date>
@@ -10,9 +10,9 @@
 # runs (a failing test must not hide the benchmark numbers). Exit status 1 if any stage failed.
 # Stage limits: install 15 s, import 15 s, pytest 150 s, catalog bench 60 s, token_logp bench
 # (quick shapes + the Gemma-2-2B T = 8192 acceptance case) 50 s, rms_norm bench (decode-step
-# rows at d 2304) 30 s, rollout bench (quick: the Gemma-2-2B shape, B 16 x G 4, 1,024-token
+# rows at d 2304) 30 s, step bench (quick: one catalog of 1e5 items) 180 s, rollout bench (quick: the Gemma-2-2B shape, B 16 x G 4, 1,024-token
 # prompts, 128 new tokens; its compile_decode row compiles first) 240 s; with 10 s of kill
-# grace each, at most 630 s, plus whatever the CUDA sampler's build (limit 240 s, measured
+# grace each, at most 820 s, plus whatever the CUDA sampler's build (limit 240 s, measured
 # 46-53 s) has left when pytest ends. Measured on an H200 (2026-11-26, commit e1a8b77): install 4 s,
 # import 6 s, pytest over 130 s (it timed out; the CUDA sampler's first build, about a minute,
 # runs beside it and the rollout tests wait for it), catalog bench 45 s, token_logp bench
@@ -75,6 +75,11 @@ cat "$OUT/bench-token_logp.log"
 stage bench-rms_norm 30 python3 -m r2ec_fast.cli bench --op rms_norm --device cuda --quick \
     --json "$OUT/rms_norm-cuda.json"
 cat "$OUT/bench-rms_norm.log"
+# one whole RecPO step at the Gemma-2-2B shape (quick: the 1e5-item catalog, 128 reasoning
+# tokens; its set-up builds and saves 2.6B random bf16 weights first; not yet run on a GPU)
+stage bench-step 180 python3 -m r2ec_fast.cli bench --op step --device cuda --quick \
+    --json "$OUT/step-cuda.json"
+cat "$OUT/bench-step.log"
 # last: its engine_compiled row compiles 26 layers first (not yet measured on a GPU)
 stage bench-rollout 240 python3 -m r2ec_fast.cli bench --op rollout --device cuda --quick \
     --json "$OUT/rollout-cuda.json"

@@ -275,3 +275,41 @@ def test_acceptance_verdicts():
     assert [c["passed"] for c in slow] == [False, False]
     assert "1.55" in slow[1]["value"]
     assert all(c["passed"] is None for c in bench_token_logp._acceptance({}))
+
+
+def test_step_bench_times_every_phase_of_both_styles(monkeypatch):
+    """`bench --op step --smoke`: a whole training step in both styles, every phase timed;
+    the reference-style row really runs the materialising references and ours does not."""
+    from r2ec_fast.benchmarks import bench_step
+    from r2ec_fast.ops import token_logp
+
+    calls = {"ours": 0, "reference-style": 0}
+    running = []  # the style of the step in progress
+    real_ref = token_logp.linear_log_probs_reference
+
+    def spy(*args, **kwargs):
+        calls[running[-1]] += 1
+        return real_ref(*args, **kwargs)
+
+    real_step = bench_step._step
+
+    def step(x, style):
+        running.append(style)
+        return real_step(x, style)
+
+    monkeypatch.setattr(token_logp, "linear_log_probs_reference", spy)
+    monkeypatch.setattr(bench_step, "_step", step)
+    opts = harness.Options(memory=False, out=io.StringIO())
+    (case,) = harness.run_op("step", "cpu", "smoke", opts)["cases"]
+    results = {r["impl"]: r for r in case["results"]}
+    assert set(results) == {"ours", "reference-style"}
+    for r in results.values():
+        assert "failed" not in r, r.get("failed")
+        assert all(map(math.isfinite, r["time_ms"].values()))
+    assert results["ours"]["baseline"] == "reference-style"
+    checks = {c["name"].split(" ")[0]: c["value"] for c in case["checks"] if "phase" in c["name"]}
+    assert set(checks) == {"ours", "reference-style"}
+    for value in checks.values():
+        for phase in bench_step.PHASES:
+            assert re.search(rf"{phase} \d+\.\d{{3}}", value), (phase, value)
+    assert calls["reference-style"] > 0 and calls["ours"] == 0, calls

@@ -132,12 +132,17 @@ def _model_config(arch: str, vocab_size: int, hidden_size: int, num_layers: int,
 
 def make_tiny_model(arch: str, texts: Iterable[str], out_dir: str | Path, vocab_size: int = 4096,
                     hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
-                    answer_markers: tuple[str, ...] = ("<answer>", "</answer>")) -> Path:
+                    answer_markers: tuple[str, ...] = ("<answer>", "</answer>"),
+                    config_overrides: dict | None = None, tokenizer_vocab: int | None = None,
+                    dtype: torch.dtype = torch.float32) -> Path:
     """Write a random-init `arch` checkpoint with a tokenizer trained on `texts` to `out_dir`.
 
-    The model's vocabulary is `vocab_size` rows; the tokenizer has at most that many tokens
-    (fewer when the texts support fewer merges; the spare rows are never produced, like the
-    padded vocabularies of real checkpoints). Same arguments and texts -> same files.
+    The model's vocabulary is `vocab_size` rows; the tokenizer has at most `tokenizer_vocab`
+    (default `vocab_size`) tokens (fewer when the texts support fewer merges; the spare rows
+    are never produced, like the padded vocabularies of real checkpoints). `config_overrides`
+    set fields of the model config after the defaults (a real model's shape: heads, head_dim,
+    intermediate size, ...); `dtype` is the saved weights'. Same arguments and texts -> same
+    files.
     """
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -156,7 +161,12 @@ def make_tiny_model(arch: str, texts: Iterable[str], out_dir: str | Path, vocab_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    backend = _train_tokenizer(arch, texts, vocab_size, tuple(answer_markers))
+    tokenizer_vocab = vocab_size if tokenizer_vocab is None else min(tokenizer_vocab,
+                                                                      vocab_size)
+    if tokenizer_vocab < min_vocab:
+        raise ValueError(f"tokenizer_vocab={tokenizer_vocab} is below the {min_vocab} tokens a "
+                         "byte-level tokenizer with these special tokens needs")
+    backend = _train_tokenizer(arch, texts, tokenizer_vocab, tuple(answer_markers))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token=spec["pad"], eos_token=spec["eos"],
         bos_token=spec["bos"], unk_token=spec["unk"], padding_side="right")
@@ -167,11 +177,15 @@ def make_tiny_model(arch: str, texts: Iterable[str], out_dir: str | Path, vocab_
     token_ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
                  "bos_token_id": tokenizer.bos_token_id}
     config = _model_config(arch, vocab_size, hidden_size, num_layers, token_ids)
+    for key, value in (config_overrides or {}).items():
+        if not hasattr(config, key):
+            raise ValueError(f"config_overrides: {type(config).__name__} has no field {key!r}")
+        setattr(config, key, value)
     # the init draws from the global generator: seed it inside a fork, leaving the caller's
     # random state as it was
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, **{hf_dtype_kwarg(): torch.float32})
+        model = AutoModelForCausalLM.from_config(config, **{hf_dtype_kwarg(): dtype})
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     _portable_tokenizer_class(out_dir / "tokenizer_config.json")

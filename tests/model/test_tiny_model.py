@@ -99,6 +99,31 @@ def test_argument_errors(tmp_path):
         make_tiny_model("qwen2", ["x"], tmp_path, hidden_size=30)
 
 
+def test_a_real_shape_with_a_small_tokenizer(tmp_path, dataset):
+    """`config_overrides` give the model a real model's layout (here Gemma-2's 8 query and 4
+    KV heads of a given head_dim), `tokenizer_vocab` keeps the tokenizer small against a
+    large embedding, `dtype` is the saved weights'."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = make_tiny_model("gemma2", texts_for_tokenizer(dataset), tmp_path / "m", vocab_size=5000,
+                          hidden_size=64, num_layers=1, tokenizer_vocab=600,
+                          config_overrides=dict(num_attention_heads=8, num_key_value_heads=4,
+                                                head_dim=32, query_pre_attn_scalar=32,
+                                                intermediate_size=96),
+                          dtype=torch.bfloat16)
+    config = AutoConfig.from_pretrained(out)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+            config.intermediate_size, config.vocab_size) == (8, 4, 32, 96, 5000)
+    assert len(AutoTokenizer.from_pretrained(out)) <= 600
+    weights = load_file(out / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert weights["model.embed_tokens.weight"].shape == (5000, 64)
+    with pytest.raises(ValueError, match="no field 'heads'"):
+        make_tiny_model("gemma2", ["x"], tmp_path / "bad", config_overrides={"heads": 2})
+    with pytest.raises(ValueError, match="tokenizer_vocab=100"):
+        make_tiny_model("gemma2", ["x"], tmp_path / "bad", tokenizer_vocab=100)
+
+
 def _cli(argv):
     parser = argparse.ArgumentParser(prog="r2ec-fast")
     add_make_tiny_model(parser.add_subparsers(dest="command", required=True))
