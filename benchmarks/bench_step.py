@@ -41,6 +41,7 @@ import torch
 from .harness import Case, Impl, register
 
 REFRESH_SAMPLE = 4096  # CUDA: items re-encoded per timed refresh (scaled to the catalog)
+SAMPLED_REFRESH = None  # None: on the GPU shape only; True / False force it (tests)
 PHASES = ("rollout", "scoring", "forward_backward", "optimizer", "encode_items")
 GEMMA2_2B = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                  num_attention_heads=8, num_key_value_heads=4, head_dim=256,
@@ -145,7 +146,8 @@ def _make_inputs(spec: Spec, seed: int, device: torch.device, sink: dict) -> dic
                                       history_len=(5, 20)), root / "data", progress=False)
     _build_model(spec, root, seed)
     cls = _trainer_class()
-    cls.sample = REFRESH_SAMPLE if spec.model != "tiny" else None
+    sampled = spec.model != "tiny" if SAMPLED_REFRESH is None else SAMPLED_REFRESH
+    cls.sample = REFRESH_SAMPLE if sampled else None
     trainers = {style: cls(_config(spec, root, style), root / f"run-{style}", progress=False,
                            device=str(device)) for style in ("ours", "reference-style")}
     return {"trainers": trainers, "spec": spec, "sink": sink, "folder": folder}

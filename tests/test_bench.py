@@ -313,3 +313,26 @@ def test_step_bench_times_every_phase_of_both_styles(monkeypatch):
         for phase in bench_step.PHASES:
             assert re.search(rf"{phase} \d+\.\d{{3}}", value), (phase, value)
     assert calls["reference-style"] > 0 and calls["ours"] == 0, calls
+
+
+def test_step_bench_sampled_refresh(monkeypatch):
+    """The GPU shape's set-up and refresh on the tiny model: a random table at set-up instead
+    of encoding the catalog, then REFRESH_SAMPLE items re-encoded per call, the time scaled
+    to the whole catalog."""
+    from r2ec_fast.benchmarks import bench_step
+
+    monkeypatch.setattr(bench_step, "SAMPLED_REFRESH", True)
+    monkeypatch.setattr(bench_step, "REFRESH_SAMPLE", 30)
+    spec = bench_step.Spec("tiny", 300, 2, 2, 4)
+    sink = {}
+    x = bench_step._make_inputs(spec, 0, torch.device("cpu"), sink)
+    trainer = x["trainers"]["ours"]
+    before = trainer.model.item_table.weight.clone()
+    assert before.shape[0] == 301  # random rows for the whole catalog (and the padding row)
+    bench_step._step(x, "ours")
+    after = trainer.model.item_table.weight
+    changed = set((after != before).any(1).nonzero().flatten().tolist())
+    # the sample, re-encoded; besides it only the step's own targets (DESIGN §5 step 8)
+    assert changed >= set(range(1, 31)) and len(changed - set(range(1, 31))) <= spec.users
+    (run,) = sink["ours"]
+    assert run["times"]["encode_items"] > 0 and run["reasoning_len"] <= 4
