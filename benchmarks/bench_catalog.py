@@ -30,7 +30,7 @@ from ..ops import (
     score_catalog_reference,
 )
 from ..testing import rel_error
-from .harness import Case, Impl, register, time_ratio_check
+from .harness import Case, Impl, register, time_ratio_check, with_setting
 
 TEMPERATURE = 0.02
 SIMILARITY = "cosine"
@@ -126,17 +126,8 @@ def _our_log_prob(backend: str):
 def _triton_design(design: str):
     """fwd+bwd by the Triton backend with the given backward design (kernels/catalog.py's
     BACKWARD: "chunked", the default, or "fused"), set for the call only."""
-    inner = _fwd_bwd(_our_log_prob("triton"))
-
-    def run(x):
-        from ..kernels import catalog as kern
-
-        saved, kern.BACKWARD = kern.BACKWARD, design
-        try:
-            return inner(x)
-        finally:
-            kern.BACKWARD = saved
-    return run
+    return with_setting("r2ec_fast.kernels.catalog", "BACKWARD", design,
+                        _fwd_bwd(_our_log_prob("triton")))
 
 
 def _impls(n: int, d: int, v: int, k: int) -> list[Impl]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..ops import linear_log_probs, linear_log_probs_reference
 from ..testing import rel_error
-from .harness import Case, Impl, register, time_ratio_check
+from .harness import Case, Impl, register, time_ratio_check, with_setting
 
 REF_FULL_LIMIT_BYTES = 1 << 30  # a bigger float64 T x V reference runs on REF_ROWS tokens
 REF_ROWS = 64
@@ -87,17 +87,8 @@ def _ours(backend, softcap, backward: bool):
 def _triton_design(design, softcap):
     """fwd+bwd by the Triton backend with the given backward design (kernels/token_logp.py's
     BACKWARD: "chunked", the default, or "fused"), set for the call only."""
-    inner = _ours("triton", softcap, True)
-
-    def run(x):
-        from ..kernels import token_logp as kern
-
-        saved, kern.BACKWARD = kern.BACKWARD, design
-        try:
-            return inner(x)
-        finally:
-            kern.BACKWARD = saved
-    return run
+    return with_setting("r2ec_fast.kernels.token_logp", "BACKWARD", design,
+                        _ours("triton", softcap, True))
 
 
 def _plain(softcap, backward: bool):

@@ -71,6 +71,20 @@ class Impl:
     about: str = ""
 
 
+def with_setting(module: str, name: str, value, run: Callable[[dict], Any]):
+    """`run` with the module-level `module.name` set to `value` for each call only (e.g. a
+    kernel module's BACKWARD design, to time two designs side by side)."""
+    def wrapped(inputs: dict):
+        mod = importlib.import_module(module)
+        saved = getattr(mod, name)
+        setattr(mod, name, value)
+        try:
+            return run(inputs)
+        finally:
+            setattr(mod, name, saved)
+    return wrapped
+
+
 @dataclass
 class Case:
     key: str  # unique within the op, e.g. "N=64 d=256 V=10000 L=20 float32"

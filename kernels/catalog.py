@@ -198,6 +198,19 @@ def _catalog_merge_kernel(PART_M, PART_L, PART_CNT, LSE, COUNT, N, num_splits,
 
 
 @triton.jit
+def _load_row_terms(TGT, LSE, G, EXCL, rows, row_mask, L, stride_en, stride_el,
+                    HAS_EXCL: tl.constexpr, EXCL_PAD: tl.constexpr):
+    """Per row of a block: target, saved lse, upstream gradient and the excluded ids held in
+    registers (see _load_exclusions)."""
+    tgt = tl.load(TGT + rows, mask=row_mask, other=-1)
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    g = tl.load(G + rows, mask=row_mask, other=0.0)
+    ex_block = _load_exclusions(EXCL, rows, row_mask, L, stride_en, stride_el, HAS_EXCL,
+                                EXCL_PAD)
+    return tgt, lse, g, ex_block
+
+
+@triton.jit
 def _catalog_bwd_user_kernel(
     U, U_LO, X, TGT, LSE, G, EXCL, PART_GU,
     N, V, D, L, tiles_per_split, scale,
@@ -211,13 +224,10 @@ def _catalog_bwd_user_kernel(
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    tgt = tl.load(TGT + rows, mask=row_mask, other=-1)
-    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
-    g = tl.load(G + rows, mask=row_mask, other=0.0)
+    tgt, lse, g, ex_block = _load_row_terms(TGT, LSE, G, EXCL, rows, row_mask, L, stride_en,
+                                            stride_el, HAS_EXCL, EXCL_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     out_base = PART_GU + (pid_s * N + rows[:, None]) * D
-    ex_block = _load_exclusions(EXCL, rows, row_mask, L, stride_en, stride_el, HAS_EXCL,
-                                EXCL_PAD)
     v_begin = pid_s * tiles_per_split * BLOCK_V
     for it in range(0, tiles_per_split):
         v0 = v_begin + it * BLOCK_V
@@ -260,11 +270,8 @@ def _catalog_bwd_items_kernel(
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_mask = rows < N
-        tgt = tl.load(TGT + rows, mask=row_mask, other=-1)
-        lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
-        g = tl.load(G + rows, mask=row_mask, other=0.0)
-        ex_block = _load_exclusions(EXCL, rows, row_mask, L, stride_en, stride_el, HAS_EXCL,
-                                    EXCL_PAD)
+        tgt, lse, g, ex_block = _load_row_terms(TGT, LSE, G, EXCL, rows, row_mask, L, stride_en,
+                                                stride_el, HAS_EXCL, EXCL_PAD)
         s, _ = _tile_scores(U, U_LO, X, rows, cols, row_mask, col_mask, D, stride_un,
                             stride_ud, stride_xv, stride_xd, scale, BLOCK_N, BLOCK_V, BLOCK_D,
                             False, SPLIT_U, DOT_F32)
@@ -303,11 +310,8 @@ def _catalog_ds_kernel(
     cols = v0 + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < v_end
-    tgt = tl.load(TGT + rows, mask=row_mask, other=-1)
-    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
-    g = tl.load(G + rows, mask=row_mask, other=0.0)
-    ex_block = _load_exclusions(EXCL, rows, row_mask, L, stride_en, stride_el, HAS_EXCL,
-                                EXCL_PAD)
+    tgt, lse, g, ex_block = _load_row_terms(TGT, LSE, G, EXCL, rows, row_mask, L, stride_en,
+                                            stride_el, HAS_EXCL, EXCL_PAD)
     s, item_scale = _tile_scores(U, U_LO, X, rows, cols, row_mask, col_mask, D, stride_un,
                                  stride_ud, stride_xv, stride_xd, scale, BLOCK_N, BLOCK_V,
                                  BLOCK_D, NORMALIZE, SPLIT_U, DOT_F32)

@@ -252,6 +252,22 @@ def test_reference_trainer_reward_recipe():
 GRAD_DTYPES = [F32, BF16]
 
 
+def log_prob_three_ways(user, items, target, exclude, upstream, temperature, similarity,
+                        items_grad, **ours_kw):
+    """(ours, float64, plain same-dtype) each as (logp, grad user, grad items or None) of
+    sum upstream * catalog_log_prob."""
+    def run(fn, u, x, **kw):
+        u = u.clone().requires_grad_()
+        x = x.clone().requires_grad_(items_grad)
+        lp = fn(u, x, target, exclude, temperature=temperature, similarity=similarity, **kw)
+        (lp * upstream.to(lp.dtype)).sum().backward()
+        return lp, u.grad, x.grad
+
+    return (run(catalog_log_prob, user, items, **ours_kw),
+            run(catalog_log_prob_reference, user.double(), items.double()),
+            run(catalog_log_prob_reference, user, items, upcast=False))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
@@ -261,16 +277,9 @@ def test_log_prob_gradients(backend, dtype, similarity, items_grad):
     user, items, target, exclude = make_case(19, 101, 40, dtype, dtype, seed=31)
     upstream = torch.randn(19, generator=torch.Generator().manual_seed(1))  # per-row grads
 
-    def run(fn, u, x, **kw):
-        u = u.clone().requires_grad_()
-        x = x.clone().requires_grad_(items_grad)
-        lp = fn(u, x, target, exclude, temperature=temperature, similarity=similarity, **kw)
-        (lp * upstream.to(lp.dtype)).sum().backward()
-        return lp, u.grad, x.grad
-
-    lp, gu, gx = run(catalog_log_prob, user, items, backend=backend)
-    lp64, gu64, gx64 = run(catalog_log_prob_reference, user.double(), items.double())
-    lpp, gup, gxp = run(catalog_log_prob_reference, user, items, upcast=False)
+    (lp, gu, gx), (lp64, gu64, gx64), (lpp, gup, gxp) = log_prob_three_ways(
+        user, items, target, exclude, upstream, temperature, similarity, items_grad,
+        backend=backend)
     tol = TOLERANCE[dtype]
     assert lp.dtype == torch.float32 and gu.dtype == dtype
     assert_three_way(lp, lp64, lpp, "logp", tol=tol)
@@ -317,16 +326,8 @@ def test_triton_log_prob_backward_designs(monkeypatch, design, dtypes, similarit
     user, items, target, exclude = make_case(19, 101, 40, *dtypes, seed=33)
     upstream = torch.randn(19, generator=torch.Generator().manual_seed(2))
 
-    def run(fn, u, x, **kw):
-        u = u.clone().requires_grad_()
-        x = x.clone().requires_grad_(items_grad)
-        lp = fn(u, x, target, exclude, temperature=temperature, similarity=similarity, **kw)
-        (lp * upstream.to(lp.dtype)).sum().backward()
-        return lp, u.grad, x.grad
-
-    ours = run(catalog_log_prob, user, items, backend="triton")
-    ref = run(catalog_log_prob_reference, user.double(), items.double())
-    plain = run(catalog_log_prob_reference, user, items, upcast=False)
+    ours, ref, plain = log_prob_three_ways(user, items, target, exclude, upstream, temperature,
+                                           similarity, items_grad, backend="triton")
     tol = max(TOLERANCE[dtypes[0]], TOLERANCE[dtypes[1]])
     names = ("logp", "grad user", "grad items") if items_grad else ("logp", "grad user")
     for name, a, r, pl in zip(names, ours, ref, plain):
