@@ -61,10 +61,18 @@ a fixed order, and cuBLAS is bitwise reproducible on one stream for a fixed tool
 Not yet timed on a GPU (no GPU was lent to the session that wrote it): `bench --op token_logp`
 times both designs side by side, so the default can be checked against the fused passes.
 
+With grad_filter = eps the forward also records each tile's row maxima of y, and the
+chunked backward skips the dZ kernel and both GEMMs for every (FILTER_ROWS tokens, chunk)
+block whose mass bound (`_filter_plan`) is below eps for all its tokens and which holds no
+token's target; the decision reads forward outputs only, so it is deterministic. Not yet
+timed on a GPU.
+
 Targets are int64 with -1 for ignored tokens: they get logp = entropy = 0 and no gradient.
 Offsets into the weight are int64 (Vocab x d passes 2^31 for large vocabularies).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -82,6 +90,9 @@ BACKWARDS = ("chunked", "fused")
 # the benchmark's check is 1.2x), and Vc = 4,096 keeps each GEMM large (0.15 TFLOP)
 DZ_BUDGET_BYTES = 64 << 20
 CHUNK_MULTIPLE = 256
+# the filtered backward (grad_filter): tokens decided together, and what the last call did
+FILTER_ROWS = 256
+last_filter: dict = {}
 # fp32 partial sums of grad_hidden over vocabulary splits stay under this many bytes
 SPLIT_PARTIAL_BYTES = 64 << 20
 
@@ -160,13 +171,16 @@ def _log1p(x):
 
 @triton.jit
 def _token_logp_fwd_kernel(
-    H, W, TGT, PART_M, PART_R, PART_EZR, PART_YT,
-    T, V, D, tiles_per_split, inv_cap, z_scale,
+    H, W, TGT, PART_M, PART_R, PART_EZR, PART_YT, TILE_MAX,
+    T, V, D, tiles_per_split, n_tiles, inv_cap, z_scale,
     stride_ht, stride_hd, stride_wv, stride_wd,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, DOT_F32: tl.constexpr,
+    RECORD_TILES: tl.constexpr,
 ):
-    """Per split: y_max m, r = L - 1, sum exp(z - z_max) (z - z_max), target's y."""
+    """Per split: y_max m, r = L - 1, sum exp(z - z_max) (z - z_max), target's y; with
+    RECORD_TILES each tile's row maxima of y into TILE_MAX [T, n_tiles] (the filtered
+    backward's bound)."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -186,6 +200,10 @@ def _token_logp_fwd_kernel(
         y_tgt += tl.sum(tl.where(cols[None, :] == tgt[:, None], y, 0.0), axis=1)
         # the first tile of a split always holds a column < V, so m is finite from then on
         tile_max = tl.max(tl.where(col_mask[None, :], y, float("-inf")), axis=1)
+        if RECORD_TILES:
+            tile = pid_s * tiles_per_split + it
+            tl.store(TILE_MAX + rows.to(tl.int64) * n_tiles + tile, tile_max,
+                     mask=row_mask & (tile < n_tiles))
         m_new = tl.maximum(m, tile_max)
         alpha = tl.exp((m - m_new) * z_scale)  # 0 on the first tile
         ym = y - m_new[:, None]
@@ -359,16 +377,16 @@ def _token_logp_bwd_weight_kernel(
 @triton.jit
 def _token_logp_dz_kernel(
     H, W, TGT, STATS, G_LP, G_ENT, DZ,
-    T, V, D, v_begin, v_end, inv_cap, z_scale, inv_temp,
+    T, V, D, v_begin, v_end, row_begin, row_end, inv_cap, z_scale, inv_temp,
     stride_ht, stride_hd, stride_wv, stride_wd, stride_zt,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """DZ[t, v - v_begin] = dL/dx[t, v] for the vocabulary chunk [v_begin, v_end), in DZ's
-    dtype; ignored tokens' rows are exactly 0."""
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    """DZ[t, v - v_begin] = dL/dx[t, v] for the vocabulary chunk [v_begin, v_end) and the
+    tokens [row_begin, row_end), in DZ's dtype; ignored tokens' rows are exactly 0."""
+    rows = row_begin + tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = v_begin + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < T
+    row_mask = rows < row_end
     col_mask = cols < v_end
     tgt, m, log_l, mean_zm, g_lp, g_ent = _load_token_grads(TGT, STATS, G_LP, G_ENT, T, rows,
                                                             row_mask, ENTROPY)
@@ -432,25 +450,39 @@ def _scales(softcap, temperature):
     return 1.0 / softcap, softcap / temperature, 1.0 / temperature
 
 
+def tile_columns(hidden, weight, config: dict | None = None) -> int:
+    """Vocabulary columns of the forward's tiles (the unit of its recorded tile maxima)."""
+    dot_f32, _ = _dot_modes(hidden, weight)
+    return _config(hidden.shape[0], hidden.shape[1], dot_f32, config)[1]
+
+
 def token_logp_forward(hidden, weight, targets, softcap, temperature: float,
-                       want_entropy: bool, config: dict | None = None):
+                       want_entropy: bool, config: dict | None = None,
+                       tile_max: torch.Tensor | None = None):
     """(logp [T], entropy [T] or None, row statistics [3, T] = (y_max, log L, E_p[z] - z_max;
-    the last zero without the entropy)), all fp32: what the backward takes."""
+    the last zero without the entropy)), all fp32: what the backward takes. `tile_max`: an
+    fp32 [T, ceil(V / tile_columns)] buffer that receives every tile's row maxima of y (for
+    the filtered backward)."""
     _check_operands(hidden, weight, targets)
     n_tokens, d = hidden.shape
     vocab = weight.shape[0]
     dot_f32, _ = _dot_modes(hidden, weight)
     block_t, block_v, block_d, _, launch = _config(n_tokens, d, dot_f32, config)
     n_blocks = triton.cdiv(n_tokens, block_t)
-    splits, tiles_per_split = _splits(n_blocks, triton.cdiv(vocab, block_v), hidden.device)
+    n_tiles = triton.cdiv(vocab, block_v)
+    splits, tiles_per_split = _splits(n_blocks, n_tiles, hidden.device)
     dev = hidden.device
+    if tile_max is not None and (tile_max.shape != (n_tokens, n_tiles) or not
+                                 tile_max.is_contiguous() or tile_max.dtype != torch.float32):
+        raise ValueError(f"tile_max must be contiguous fp32 [{n_tokens}, {n_tiles}]")
     part = [_empty((splits, n_tokens), torch.float32, dev) for _ in range(4)]
     inv_cap, z_scale, _ = _scales(softcap, temperature)
     _token_logp_fwd_kernel[(n_blocks, splits)](
-        hidden, weight, targets, *part, n_tokens, vocab, d, tiles_per_split, inv_cap, z_scale,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d, SOFTCAP=softcap is not None,
-        ENTROPY=want_entropy, DOT_F32=dot_f32, **launch)
+        hidden, weight, targets, *part, part[0] if tile_max is None else tile_max, n_tokens,
+        vocab, d, tiles_per_split, n_tiles, inv_cap, z_scale, hidden.stride(0),
+        hidden.stride(1), weight.stride(0), weight.stride(1), BLOCK_T=block_t,
+        BLOCK_V=block_v, BLOCK_D=block_d, SOFTCAP=softcap is not None, ENTROPY=want_entropy,
+        DOT_F32=dot_f32, RECORD_TILES=tile_max is not None, **launch)
     logp = _empty((n_tokens,), torch.float32, dev)
     stats = _empty((3, n_tokens), torch.float32, dev)
     entropy = _empty((n_tokens,), torch.float32, dev) if want_entropy else None
@@ -463,12 +495,15 @@ def token_logp_forward(hidden, weight, targets, softcap, temperature: float,
 
 def token_logp_backward(hidden, weight, targets, stats, grad_logp, grad_entropy,
                         softcap, temperature: float, need_hidden: bool, need_weight: bool,
-                        config: dict | None = None, design: str | None = None):
+                        config: dict | None = None, design: str | None = None,
+                        grad_filter: float | None = None, tile_max: torch.Tensor | None = None):
     """(grad_hidden in hidden's dtype or None, grad_weight in weight's dtype or None) of
     sum_t grad_logp[t] logp[t] + grad_entropy[t] entropy[t]; `grad_entropy` may be None.
     `stats` is the forward's [3, T] fp32 (with E_p[z] - z_max when there is an entropy
     gradient); upstream gradients are fp32 [T]. `design`: "chunked" or "fused" (module
-    docstring), else BACKWARD."""
+    docstring), else BACKWARD. `grad_filter`: skip the work of (FILTER_ROWS tokens, vocabulary
+    chunk) blocks whose softmax mass is below it for every token (bounded from the forward's
+    `tile_max`; `_filter_plan`), chunked design only."""
     _check_operands(hidden, weight, targets)
     n_tokens = hidden.shape[0]
     if stats.shape != (3, n_tokens) or stats.dtype != torch.float32 or not stats.is_contiguous():
@@ -477,9 +512,53 @@ def token_logp_backward(hidden, weight, targets, stats, grad_logp, grad_entropy,
     design = BACKWARD if design is None else design
     if design not in BACKWARDS:
         raise ValueError(f"design={design!r}; choose one of {BACKWARDS}")
+    if grad_filter is not None:
+        if design != "chunked" or tile_max is None:
+            raise ValueError("grad_filter needs the chunked backward and the forward's tile_max")
+        return _chunked_backward(hidden, weight, targets, stats, grad_logp, grad_entropy,
+                                 softcap, temperature, need_hidden, need_weight, config,
+                                 (grad_filter, tile_max))
     run = _chunked_backward if design == "chunked" else _fused_backward
     return run(hidden, weight, targets, stats, grad_logp, grad_entropy, softcap, temperature,
                need_hidden, need_weight, config)
+
+
+def _filter_plan(tile_max, stats, targets, z_scale, vocab, cols, block_v, eps):
+    """Per vocabulary chunk, the token ranges whose gradient work is done: those FILTER_ROWS
+    blocks where some valid token's softmax mass in the chunk may reach `eps` or whose target
+    lies in it. The mass bound is rigorous: every p[t, v] = exp((y - y_max) z_scale - log L)
+    of the chunk is at most the one of the chunk's largest y (from the forward's tile maxima),
+    so the chunk's mass is at most its width times that. NaN anywhere keeps the block."""
+    n_tokens, n_tiles = tile_max.shape
+    per_chunk = cols // block_v
+    n_chunks = -(-vocab // cols)
+    pad = n_chunks * per_chunk - n_tiles
+    chunk_max = torch.nn.functional.pad(tile_max, (0, pad), value=float("-inf")).view(
+        n_tokens, n_chunks, per_chunk).amax(2)  # [T, chunks]
+    widths = torch.clamp(vocab - torch.arange(n_chunks, device=tile_max.device) * cols,
+                         max=cols).float()
+    log_mass = ((chunk_max - stats[0][:, None]) * z_scale - stats[1][:, None]
+                + widths.log()[None, :])
+    keep = ~(log_mass < math.log(eps))  # NaN: kept
+    valid = targets >= 0
+    rows = valid.nonzero().flatten()
+    keep[rows, targets[rows] // cols] = True  # the target's own chunk (its one-hot term)
+    keep &= valid[:, None]
+    n_blocks = -(-n_tokens // FILTER_ROWS)
+    keep = torch.nn.functional.pad(keep, (0, 0, 0, n_blocks * FILTER_ROWS - n_tokens))
+    blocks = keep.view(n_blocks, FILTER_ROWS, n_chunks).any(1).cpu()  # one sync per call
+    plan = []
+    for c in range(n_chunks):
+        ranges, start = [], None
+        for b in range(n_blocks + 1):
+            on = b < n_blocks and bool(blocks[b, c])
+            if on and start is None:
+                start = b
+            elif not on and start is not None:
+                ranges.append((start * FILTER_ROWS, min(b * FILTER_ROWS, n_tokens)))
+                start = None
+        plan.append(ranges)
+    return plan, int(blocks.sum()), n_blocks * n_chunks
 
 
 def chunk_columns(n_tokens: int, vocab: int, itemsize: int) -> int:
@@ -491,9 +570,10 @@ def chunk_columns(n_tokens: int, vocab: int, itemsize: int) -> int:
 
 
 def _chunked_backward(hidden, weight, targets, stats, grad_logp, grad_entropy, softcap,
-                      temperature, need_hidden, need_weight, config):
+                      temperature, need_hidden, need_weight, config, filtered=None):
     """The vocabulary-chunked design (module docstring): dZ per chunk by
-    `_token_logp_dz_kernel`, the two gradient products by `r2ec_fast.ops._gemm`."""
+    `_token_logp_dz_kernel`, the two gradient products by `r2ec_fast.ops._gemm`; `filtered`
+    = (eps, tile_max): only the token ranges of `_filter_plan` per chunk."""
     from r2ec_fast.ops._gemm import addmm_f32_, mm_into
 
     n_tokens, d = hidden.shape
@@ -504,8 +584,15 @@ def _chunked_backward(hidden, weight, targets, stats, grad_logp, grad_entropy, s
     entropy = grad_entropy is not None
     dz_dtype = weight.dtype if cast_coef else torch.float32
     cols = chunk_columns(n_tokens, vocab, torch.empty((), dtype=dz_dtype).element_size())
-    dz = _empty((n_tokens, cols), dz_dtype, dev)
     inv_cap, z_scale, inv_temp = _scales(softcap, temperature)
+    plan = None
+    if filtered is not None:  # chunks of whole forward tiles, whose maxima bound them
+        cols = min(max(block_v, cols // block_v * block_v), triton.cdiv(vocab, block_v) * block_v)
+        plan, kept, blocks = _filter_plan(filtered[1], stats, targets, z_scale, vocab, cols,
+                                          block_v, filtered[0])
+        last_filter.clear()
+        last_filter.update(blocks=blocks, kept=kept, eps=filtered[0])
+    dz = _empty((n_tokens, cols), dz_dtype, dev)
     grad_hidden = torch.zeros((n_tokens, d), dtype=torch.float32, device=dev) \
         if need_hidden else None
     grad_weight = _empty((vocab, d), weight.dtype, dev) if need_weight else None
@@ -513,21 +600,30 @@ def _chunked_backward(hidden, weight, targets, stats, grad_logp, grad_entropy, s
     h_valid = torch.where((targets >= 0)[:, None], hidden, 0) if need_weight else None
     if cast_coef and need_weight:
         h_valid = h_valid.to(dz_dtype)
-    for v0 in range(0, vocab, cols):
+    for index, v0 in enumerate(range(0, vocab, cols)):
         v1 = min(v0 + cols, vocab)
-        chunk = dz[:, :v1 - v0]
-        _token_logp_dz_kernel[(triton.cdiv(n_tokens, block_t), triton.cdiv(v1 - v0, block_v))](
-            hidden, weight, targets, stats, grad_logp,
-            grad_logp if grad_entropy is None else grad_entropy, chunk, n_tokens, vocab, d, v0,
-            v1, inv_cap, z_scale, inv_temp, hidden.stride(0), hidden.stride(1),
-            weight.stride(0), weight.stride(1), chunk.stride(0), BLOCK_T=block_t,
-            BLOCK_V=block_v, BLOCK_D=block_d, SOFTCAP=softcap is not None, ENTROPY=entropy,
-            DOT_F32=dot_f32, **launch)
-        w_chunk = weight[v0:v1]
-        if need_hidden:
-            addmm_f32_(grad_hidden, chunk, w_chunk)
-        if need_weight:
+        chunk, w_chunk = dz[:, :v1 - v0], weight[v0:v1]
+        ranges = [(0, n_tokens)] if plan is None else plan[index]
+        for r0, r1 in ranges:
+            _token_logp_dz_kernel[(triton.cdiv(r1 - r0, block_t),
+                                   triton.cdiv(v1 - v0, block_v))](
+                hidden, weight, targets, stats, grad_logp,
+                grad_logp if grad_entropy is None else grad_entropy, chunk, n_tokens, vocab,
+                d, v0, v1, r0, r1, inv_cap, z_scale, inv_temp, hidden.stride(0),
+                hidden.stride(1), weight.stride(0), weight.stride(1), chunk.stride(0),
+                BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d, SOFTCAP=softcap is not None,
+                ENTROPY=entropy, DOT_F32=dot_f32, **launch)
+            if need_hidden:
+                addmm_f32_(grad_hidden[r0:r1], chunk[r0:r1], w_chunk)
+        if not need_weight:
+            continue
+        if ranges == [(0, n_tokens)]:
             mm_into(grad_weight[v0:v1], chunk.T, h_valid)
+        else:  # the skipped blocks add nothing; the kept ones are summed in a fixed order
+            acc = torch.zeros((v1 - v0, d), dtype=torch.float32, device=dev)
+            for r0, r1 in ranges:
+                addmm_f32_(acc, chunk[r0:r1].T, h_valid[r0:r1])
+            grad_weight[v0:v1].copy_(acc)
     return (grad_hidden.to(hidden.dtype) if need_hidden else None), grad_weight
 
 

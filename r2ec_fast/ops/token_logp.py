@@ -233,25 +233,32 @@ def _torch_backward(hidden, weight, tgt, valid, stats, g_logp, g_ent, softcap, t
 
 
 def _forward_impl(hidden, weight, targets, softcap, temperature, ignore_index, want_entropy,
-                  backend):
-    """(logp [T], entropy [T], row statistics [3, T] = (y_max, log L, E_p[z] - z_max)) fp32;
-    entropy and E_p[z] - z_max are zeros when not wanted."""
+                  backend, grad_filter=0.0):
+    """(logp [T], entropy [T], row statistics [3, T] = (y_max, log L, E_p[z] - z_max), the
+    forward's tile maxima [T, tiles] for the filtered backward or [0]) fp32; entropy and
+    E_p[z] - z_max are zeros when not wanted."""
     valid = targets != ignore_index
     if backend == "triton":
         from r2ec_fast.kernels import token_logp as kern
 
         tgt = torch.where(valid, targets, -1).long().contiguous()
-        logp, entropy, stats = kern.token_logp_forward(hidden, weight, tgt, softcap,
-                                                       temperature, want_entropy)
+        tile_max = hidden.new_empty(0, dtype=torch.float32)
+        if grad_filter:
+            tiles = -(-weight.shape[0] // kern.tile_columns(hidden, weight))
+            tile_max = hidden.new_empty((hidden.shape[0], tiles), dtype=torch.float32)
+        logp, entropy, stats = kern.token_logp_forward(
+            hidden, weight, tgt, softcap, temperature, want_entropy,
+            tile_max=tile_max if grad_filter else None)
         if entropy is None:
             entropy = torch.zeros_like(logp)
-        return logp, entropy, stats
+        return logp, entropy, stats, tile_max
     tgt = torch.where(valid, targets, 0).long()
-    return _torch_forward(hidden, weight, tgt, valid, softcap, temperature, want_entropy)
+    return (*_torch_forward(hidden, weight, tgt, valid, softcap, temperature, want_entropy),
+            hidden.new_empty(0, dtype=torch.float32))
 
 
 def _backward_impl(g_logp, g_ent, hidden, weight, targets, stats, softcap, temperature,
-                   ignore_index, backend, need_h, need_w):
+                   ignore_index, backend, need_h, need_w, grad_filter=0.0, tile_max=None):
     """(grad hidden, grad weight) in the inputs' dtypes; [0]-shaped when not needed. `g_ent`
     None: no entropy term."""
     valid = targets != ignore_index
@@ -261,8 +268,10 @@ def _backward_impl(g_logp, g_ent, hidden, weight, targets, stats, softcap, tempe
         from r2ec_fast.kernels import token_logp as kern
 
         tgt = torch.where(valid, targets, -1).long().contiguous()
-        grad_h, grad_w = kern.token_logp_backward(hidden, weight, tgt, stats, g_logp, g_ent,
-                                                  softcap, temperature, need_h, need_w)
+        grad_h, grad_w = kern.token_logp_backward(
+            hidden, weight, tgt, stats, g_logp, g_ent, softcap, temperature, need_h, need_w,
+            design="chunked" if grad_filter else None, grad_filter=grad_filter or None,
+            tile_max=tile_max if grad_filter else None)
     else:
         tgt = torch.where(valid, targets, 0).long()
         grad_h, grad_w = _torch_backward(hidden, weight, tgt, valid, stats, g_logp, g_ent,
@@ -278,18 +287,25 @@ def _backward_impl(g_logp, g_ent, hidden, weight, targets, stats, softcap, tempe
 @torch.library.custom_op("r2ec_fast::linear_log_probs", mutates_args=())
 def linear_log_probs_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         softcap: Optional[float], temperature: float, ignore_index: int,
-                        want_entropy: bool, backend: str
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        want_entropy: bool, backend: str, grad_filter: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward_impl(hidden, weight, targets, softcap, temperature, ignore_index,
-                         want_entropy, backend)
+                         want_entropy, backend, grad_filter)
 
 
 @linear_log_probs_op.register_fake
-def _(hidden, weight, targets, softcap, temperature, ignore_index, want_entropy, backend):
+def _(hidden, weight, targets, softcap, temperature, ignore_index, want_entropy, backend,
+      grad_filter):
     n_tokens = hidden.shape[0]
+    tiles = (0,)
+    if grad_filter:
+        from r2ec_fast.kernels import token_logp as kern
+
+        tiles = (n_tokens, -(-weight.shape[0] // kern.tile_columns(hidden, weight)))
     return (hidden.new_empty(n_tokens, dtype=torch.float32),
             hidden.new_empty(n_tokens, dtype=torch.float32),
-            hidden.new_empty((3, n_tokens), dtype=torch.float32))
+            hidden.new_empty((3, n_tokens), dtype=torch.float32),
+            hidden.new_empty(tiles, dtype=torch.float32))
 
 
 @torch.library.custom_op("r2ec_fast::linear_log_probs_backward", mutates_args=())
@@ -297,73 +313,93 @@ def linear_log_probs_backward(g_logp: torch.Tensor, g_ent: Optional[torch.Tensor
                               hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                               stats: torch.Tensor, softcap: Optional[float],
                               temperature: float, ignore_index: int, backend: str,
-                              need_h: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                              need_h: bool, need_w: bool, grad_filter: float,
+                              tile_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _backward_impl(g_logp, g_ent, hidden, weight, targets, stats, softcap, temperature,
-                          ignore_index, backend, need_h, need_w)
+                          ignore_index, backend, need_h, need_w, grad_filter, tile_max)
 
 
 @linear_log_probs_backward.register_fake
 def _(g_logp, g_ent, hidden, weight, targets, stats, softcap, temperature, ignore_index,
-      backend, need_h, need_w):
+      backend, need_h, need_w, grad_filter, tile_max):
     return (hidden.new_empty(hidden.shape if need_h else (0,)),
             weight.new_empty(weight.shape if need_w else (0,)))
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, targets, softcap, temperature, ignore_index, want_entropy, backend = inputs
-    ctx.save_for_backward(hidden, weight, targets, output[2])
-    ctx.args = (softcap, temperature, ignore_index, want_entropy, backend)
-    ctx.mark_non_differentiable(output[2])
+    (hidden, weight, targets, softcap, temperature, ignore_index, want_entropy, backend,
+     grad_filter) = inputs
+    ctx.save_for_backward(hidden, weight, targets, output[2], output[3])
+    ctx.args = (softcap, temperature, ignore_index, want_entropy, backend, grad_filter)
+    ctx.mark_non_differentiable(output[2], output[3])
 
 
 def _grads(ctx, g_logp, g_ent, backward):
-    hidden, weight, targets, stats = ctx.saved_tensors
-    softcap, temperature, ignore_index, want_entropy, backend = ctx.args
+    hidden, weight, targets, stats, tile_max = ctx.saved_tensors
+    softcap, temperature, ignore_index, want_entropy, backend, grad_filter = ctx.args
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     g_logp = torch.zeros_like(stats[0]) if g_logp is None else g_logp
     g_ent = g_ent if want_entropy else None
     grad_h, grad_w = backward(g_logp, g_ent, hidden, weight, targets, stats, softcap,
-                              temperature, ignore_index, backend, need_h, need_w)
-    return (grad_h if need_h else None, grad_w if need_w else None) + (None,) * 6
+                              temperature, ignore_index, backend, need_h, need_w, grad_filter,
+                              tile_max)
+    return (grad_h if need_h else None, grad_w if need_w else None) + (None,) * 7
 
 
 linear_log_probs_op.register_autograd(
-    lambda ctx, g_logp, g_ent, g_stats: _grads(ctx, g_logp, g_ent, linear_log_probs_backward),
+    lambda ctx, g_logp, g_ent, g_stats, g_tiles: _grads(ctx, g_logp, g_ent,
+                                                         linear_log_probs_backward),
     setup_context=_setup)
 
 
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, temperature, ignore_index, want_entropy,
-                backend):
+                backend, grad_filter):
         out = _forward_impl(hidden, weight, targets, softcap, temperature, ignore_index,
-                            want_entropy, backend)
+                            want_entropy, backend, grad_filter)
         _setup(ctx, (hidden, weight, targets, softcap, temperature, ignore_index, want_entropy,
-                     backend), out)
+                     backend, grad_filter), out)
         return out
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent, g_stats):
+    def backward(ctx, g_logp, g_ent, g_stats, g_tiles):
         return _grads(ctx, g_logp, g_ent, _backward_impl)
 
 
 def linear_log_probs(hidden, weight, targets, softcap=None, temperature=1.0,
-                     ignore_index=IGNORE_INDEX, return_entropy=False, backend=None):
+                     ignore_index=IGNORE_INDEX, return_entropy=False, backend=None,
+                     grad_filter=None):
     """Per-token log-probabilities [T] fp32 (and entropies [T] with ``return_entropy``) of
     ``targets`` under softmax(softcap * tanh(hidden @ weight.T / softcap) / temperature),
     without materialising the T x |Vocab| logits. Differentiable w.r.t. ``hidden`` and
     ``weight`` (no weight-gradient work when ``weight.requires_grad`` is false); ignored
-    targets give 0 and no gradient."""
+    targets give 0 and no gradient.
+
+    ``grad_filter=eps`` (opt-in, triton backend): the backward skips the work of blocks of
+    tokens x vocabulary chunk whose softmax mass is provably below eps for every token of the
+    block (never a token's own target): an approximate gradient, deterministic, whose error
+    the token_logp benchmark reports against float64."""
     _check(hidden, weight, targets, softcap, temperature, ignore_index)
     backend = resolve_backend(backend, hidden, weight)
+    if grad_filter is not None:
+        if isinstance(grad_filter, bool) or not (isinstance(grad_filter, (int, float))
+                                                 and 0 < grad_filter < 1):
+            raise ValueError(f"grad_filter must be None or a number in (0, 1), got "
+                             f"{grad_filter!r}")
+        if backend != "triton":
+            raise ValueError(f"grad_filter is a mode of the triton backend's chunked "
+                             f"backward; backend={backend!r} computes the exact gradient "
+                             "(pass grad_filter=None)")
     if backend == "reference":
         out = linear_log_probs_reference(hidden, weight, targets, softcap, temperature,
                                          ignore_index, return_entropy, upcast=False)
         return tuple(o.float() for o in out) if return_entropy else out.float()
     apply = linear_log_probs_op if torch.compiler.is_compiling() else _LinearLogProbs.apply
-    logp, entropy, _ = apply(hidden, weight, targets,
+    logp, entropy, _, _ = apply(hidden, weight, targets,
                                 None if softcap is None else float(softcap), float(temperature),
-                                int(ignore_index), bool(return_entropy), backend)
+                                int(ignore_index), bool(return_entropy), backend,
+                                float(grad_filter or 0.0))
     return (logp, entropy) if return_entropy else logp
 
 

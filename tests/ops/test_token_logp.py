@@ -343,6 +343,21 @@ def test_gpu_triton_matches_float64(monkeypatch, dtype, n_tokens, design):
 
 
 @pytest.mark.gpu
+def test_gpu_grad_filter_compiles_and_bounds(monkeypatch):
+    """On a real GPU: the filtered backward's kernels and GEMMs run; an eps below every
+    block's bound gives the exact backward's bits."""
+    from r2ec_fast.kernels import token_logp as kern
+
+    dev = torch.device("cuda")
+    hidden, weight, targets = (t.to(dev) for t in make_case(700, 50021, 2304, BF16, seed=9))
+    monkeypatch.setattr(kern, "DZ_BUDGET_BYTES", 700 * 8192 * 2)
+    exact = filtered_grads(hidden, weight, targets, None)
+    tiny = filtered_grads(hidden, weight, targets, 1e-300)
+    assert kern.last_filter["kept"] == kern.last_filter["blocks"]
+    assert all(torch.equal(a, b) for a, b in zip(exact[:4], tiny[:4]))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 def test_gpu_torch_backend_matches_float64(monkeypatch, dtype):
     """The torch backend on CUDA: every token in one chunk, vocabulary chunks of 1,024."""
@@ -416,7 +431,7 @@ def test_torch_compile_traces_the_op(backend, monkeypatch):
     hidden, weight, targets = make_case(13, 50, 16, seed=19)
     calls = []
     real = mod._forward_impl
-    monkeypatch.setattr(mod, "_forward_impl", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(mod, "_forward_impl", lambda *a: calls.append(a[7]) or real(*a))  # backend
 
     def step(h, w):
         lp, ent = linear_log_probs(h, w, targets, 30.0, 0.8, return_entropy=True,
@@ -432,3 +447,82 @@ def test_torch_compile_traces_the_op(backend, monkeypatch):
     for a, b in zip(*outs):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
     assert calls == [backend, backend]  # once eager, once inside the compiled graph's op
+
+
+@pytest.fixture
+def filter_blocks(monkeypatch):
+    """The filtered backward on small shapes: dZ chunks of 64 columns (two interpreter tiles;
+    Vocab = 300 gives 5 chunks, the last one partial), blocks of 8 tokens (T = 37: 5)."""
+    from r2ec_fast.kernels import token_logp as kern
+
+    monkeypatch.setattr(kern, "CHUNK_MULTIPLE", 32)
+    monkeypatch.setattr(kern, "DZ_BUDGET_BYTES", 37 * 64 * 4)
+    monkeypatch.setattr(kern, "FILTER_ROWS", 8)
+    return kern
+
+
+def filtered_grads(hidden, weight, targets, eps, entropy=True):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    g = torch.Generator().manual_seed(21)
+    g_logp, g_ent = (torch.randn(hidden.shape[0], generator=g).to(hidden.device)
+                     for _ in range(2))
+    lp, ent = linear_log_probs(h, w, targets, 30.0, 0.8, return_entropy=True, backend="triton",
+                               grad_filter=eps)
+    ((lp * g_logp).sum() + ((ent * g_ent).sum() if entropy else 0)).backward()
+    return lp.detach(), ent.detach(), h.grad, w.grad, (g_logp, g_ent)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_grad_filter_skips_blocks_with_a_bounded_error(filter_blocks, dtype):
+    """Peaked rows (each token's target far above the rest): at eps = 1e-3 some (token block,
+    chunk) blocks are skipped, never a block holding a token's target; the forward is
+    unchanged and the gradients stay within eps-sized error of float64; reruns are
+    bit-identical."""
+    kern = filter_blocks
+    hidden, weight, _ = make_case(37, 300, 24, F32, seed=22)
+    targets = torch.arange(37)  # as real text's frequent tokens: in the first chunk
+    targets[1] = -100
+    weight[:37] = 4 * hidden  # every token's own row far above the rest
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    kern.DZ_BUDGET_BYTES = 37 * 64 * (4 if dtype == F32 else 2)
+    exact = filtered_grads(hidden, weight, targets, None)
+    first = filtered_grads(hidden, weight, targets, 1e-3)
+    assert 0 < kern.last_filter["kept"] < kern.last_filter["blocks"] == 25, kern.last_filter
+    again = filtered_grads(hidden, weight, targets, 1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(first[:4], again[:4]))
+    assert torch.equal(first[0], exact[0]) and torch.equal(first[1], exact[1])
+    ref = reference_grads(hidden, weight, targets, 30.0, 0.8, *exact[4])
+    assert rel_error(exact[2], ref[2]) <= TOLERANCE[dtype]
+    assert rel_error(exact[3], ref[3]) <= TOLERANCE[dtype]
+    # the dropped part of dL/dx[t, :] has an l1 norm of at most (chunks x eps) of mass times
+    # (|g_logp| + |g_ent| |z - E_p z|) / temperature, |z - E_p z| <= 2 softcap / temperature
+    g_logp, g_ent = (g.double().abs().cpu() for g in exact[4])
+    n_chunks, z_span = 5, 2 * 30.0 / 0.8
+    l1 = n_chunks * 1e-3 * (g_logp + g_ent * z_span) / 0.8  # [T]
+    w_max = weight.double().norm(dim=1).max()
+    err_h = (first[2].double() - ref[2]).norm(dim=1)
+    own_h = (exact[2].double() - ref[2]).norm(dim=1)
+    assert (err_h <= l1 * w_max + own_h + 1e-6).all(), (err_h - l1 * w_max - own_h).max()
+    err_w = (first[3].double() - ref[3]).norm()
+    own_w = (exact[3].double() - ref[3]).norm()
+    assert err_w <= (l1 * hidden.double().norm(dim=1)).sum() + own_w + 1e-6
+    assert (first[2] != exact[2]).any()  # something was dropped
+
+
+def test_grad_filter_below_every_mass_is_the_exact_backward(filter_blocks):
+    """An eps below every block's bound keeps every block: the same bits as grad_filter=None."""
+    kern = filter_blocks
+    hidden, weight, targets = make_case(37, 300, 24, seed=23)
+    exact = filtered_grads(hidden, weight, targets, None)
+    tiny = filtered_grads(hidden, weight, targets, 1e-300)
+    assert kern.last_filter["kept"] == kern.last_filter["blocks"]
+    assert all(torch.equal(a, b) for a, b in zip(exact[:4], tiny[:4]))
+
+
+def test_grad_filter_is_checked():
+    hidden, weight, targets = make_case(4, 20, 8, seed=24)
+    for bad in (0, 1.5, True, "1e-3"):
+        with pytest.raises(ValueError, match="grad_filter must be"):
+            linear_log_probs(hidden, weight, targets, backend="triton", grad_filter=bad)
+    with pytest.raises(ValueError, match="backend='torch' computes the exact gradient"):
+        linear_log_probs(hidden, weight, targets, backend="torch", grad_filter=1e-3)
