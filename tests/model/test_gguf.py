@@ -60,3 +60,28 @@ def test_smollm2_imports_into_a_folder_that_loads_and_speaks(smollm2):
     with torch.no_grad():
         out = model.lm.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_rollout_engine_greedy_equals_hf_generate_on_smollm2(smollm2):
+    """The paged engine on the real Llama-architecture model: greedy tokens equal HF
+    `generate`'s, 48 new tokens on three chat prompts of different lengths in one batch (HF
+    without its stop token, as the engine is called here)."""
+    from r2ec_fast.model import DualHeadModel
+    from r2ec_fast.rollout.engine import RolloutEngine, SamplingParams
+
+    model = DualHeadModel.from_pretrained(smollm2, device="cpu")
+    tok = model.tokenizer
+    texts = ["The capital of France is",
+             "List three colours of the rainbow, then explain why the sky is blue:",
+             "Recommend a video game for a fan of puzzles and say why."]
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": t}],
+                                            add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"]) for t in texts]
+    outs = RolloutEngine(model, block_size=16).generate(
+        prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=48))
+    for prompt, out in zip(prompts, outs):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            hf = model.lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48,
+                                   do_sample=False, eos_token_id=None)[0, len(prompt):]
+        assert out.samples[0].token_ids == hf.tolist(), tok.decode(out.samples[0].token_ids)
