@@ -43,3 +43,10 @@ def _splits(n_blocks: int, n_tiles: int, device: torch.device,
     splits = min(n_tiles, want)
     tiles_per_split = math.ceil(n_tiles / splits)
     return math.ceil(n_tiles / tiles_per_split), tiles_per_split
+
+
+def chunk_width(rows: int, total: int, itemsize: int, budget: int, multiple: int) -> int:
+    """Columns of one [rows, width] chunk buffer of `itemsize`-byte elements: a multiple of
+    `multiple` under `budget` bytes (at least one multiple), never more than `total`."""
+    fit = budget // max(1, rows * itemsize)
+    return min(total, max(multiple, fit // multiple * multiple))

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _empty, _interpreting, _mma, _splits
+from ._common import _empty, _interpreting, _mma, _splits, chunk_width
 
 # the backward's design (module docstring): "chunked" (default) or "fused"
 BACKWARD = "chunked"
@@ -443,8 +443,7 @@ def catalog_backward(user, items, target, lse, grad, exclude, scale: float,
 def chunk_columns(n_rows: int, n_items: int, itemsize: int) -> int:
     """Items of one dS chunk [N, Vc]: a multiple of CHUNK_MULTIPLE under DS_BUDGET_BYTES (at
     least one multiple), never more than the catalog."""
-    fit = DS_BUDGET_BYTES // max(1, n_rows * itemsize)
-    return min(n_items, max(CHUNK_MULTIPLE, fit // CHUNK_MULTIPLE * CHUNK_MULTIPLE))
+    return chunk_width(n_rows, n_items, itemsize, DS_BUDGET_BYTES, CHUNK_MULTIPLE)
 
 
 def _chunked_backward(user, items, target, lse, grad, exclude, scale, normalize, need_user,

@@ -78,7 +78,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _empty, _interpreting, _mma, _num_sms, _splits
+from ._common import _empty, _interpreting, _mma, _num_sms, _splits, chunk_width
 
 # the backward's design (module docstring): "chunked" (default) or "fused"
 BACKWARD = "chunked"
@@ -564,9 +564,7 @@ def _filter_plan(tile_max, stats, targets, z_scale, vocab, cols, block_v, eps):
 def chunk_columns(n_tokens: int, vocab: int, itemsize: int) -> int:
     """Vocabulary columns of one dZ chunk [T, Vc]: a multiple of CHUNK_MULTIPLE under
     DZ_BUDGET_BYTES (at least one multiple), never more than the vocabulary."""
-    fit = DZ_BUDGET_BYTES // max(1, n_tokens * itemsize)
-    cols = max(CHUNK_MULTIPLE, fit // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
-    return min(cols, vocab)
+    return chunk_width(n_tokens, vocab, itemsize, DZ_BUDGET_BYTES, CHUNK_MULTIPLE)
 
 
 def _chunked_backward(hidden, weight, targets, stats, grad_logp, grad_entropy, softcap,
@@ -598,8 +596,6 @@ def _chunked_backward(hidden, weight, targets, stats, grad_logp, grad_entropy, s
     grad_weight = _empty((vocab, d), weight.dtype, dev) if need_weight else None
     # ignored tokens' rows of H are not read into dW: a NaN there (padding) is 0 x NaN
     h_valid = torch.where((targets >= 0)[:, None], hidden, 0) if need_weight else None
-    if cast_coef and need_weight:
-        h_valid = h_valid.to(dz_dtype)
     for index, v0 in enumerate(range(0, vocab, cols)):
         v1 = min(v0 + cols, vocab)
         chunk, w_chunk = dz[:, :v1 - v0], weight[v0:v1]
