@@ -1,5 +1,5 @@
 """The `r2ec-fast` command line: one subcommand per task (bench, synth-data, prepare-data,
-make-tiny-model, import-model, train, eval, plot).
+make-tiny-model, import-model, train, eval, plot, ablate).
 
 Each subcommand is an `add_<name>(subparsers)` that defines its arguments and sets `func`, a
 function of the parsed arguments returning the exit status. Subcommands import their layer
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="r2ec-fast: a kernel-optimised training engine for R2ec recommenders.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_bench(subparsers)
+    from r2ec_fast.commands.ablate import add_ablate
     from r2ec_fast.commands.import_model import add_import_model
     from r2ec_fast.commands.make_tiny_model import add_make_tiny_model
     from r2ec_fast.commands.plot import add_plot
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(subparsers)
     add_eval(subparsers)
     add_plot(subparsers)
+    add_ablate(subparsers)
     return parser
 
 

@@ -129,7 +129,9 @@ def add_train(subparsers) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--config", type=Path, metavar="FILE",
                         help="a JSON config (e.g. a run's config.json)")
-    source.add_argument("--preset", choices=["tiny", "gemma2-2b", "qwen2.5-3b"],
+    from r2ec_fast.train.config import PRESETS
+
+    source.add_argument("--preset", choices=list(PRESETS),
                         help="a built-in config (default: tiny)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=2e-5 (repeatable)")

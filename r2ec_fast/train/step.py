@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from r2ec_fast.ops import catalog_log_prob, in_batch_log_prob, recpo_token_loss, score_catalog
+from r2ec_fast.ops import (
+    catalog_log_prob, in_batch_log_prob, linear_log_probs, recpo_token_loss, score_catalog,
+)
 from r2ec_fast.rollout.hf import Trajectory
 from r2ec_fast.train.recpo import fused_reward, item_loss
 
@@ -127,3 +129,12 @@ def contrastive_loss(h, item_h, labels, users_total: int, temperature: float) ->
     targets (user i's at row `labels[i]` of item_h), from the prompt's final state; scaled for
     piece (and rank) accumulation."""
     return -in_batch_log_prob(h, item_h, labels, temperature=temperature).sum() / users_total
+
+
+def title_loss(model, token_hidden, batch: TrajectoryBatch, tokens_total: int) -> torch.Tensor:
+    """The warm start's next-token loss on teacher-forced reasoning tokens (about the
+    target): their summed negative log-probability over `tokens_total`, the step's count (so
+    that pieces and ranks add up to the mean); the model's softcap, temperature 1."""
+    logp = linear_log_probs(token_hidden, model.lm_head_weight, batch.token_ids,
+                            softcap=model.softcap)
+    return -logp.sum() / max(1, tokens_total)

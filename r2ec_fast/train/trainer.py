@@ -70,10 +70,15 @@ def ensure_model(cfg, data, device, seed: int):
     from r2ec_fast.model import DualHeadModel
 
     path = Path(cfg.path)
-    if not path.exists():
+    if not path.exists() and cfg.gguf:
+        from r2ec_fast.model.gguf import import_gguf, smollm2_gguf
+
+        import_gguf(smollm2_gguf() if cfg.gguf == "smollm2" else cfg.gguf, path)
+    elif not path.exists():
         if not cfg.tiny_arch:
             raise ConfigError(f"model.path {path} does not exist (a local HF folder; or set "
-                              "model.tiny_arch to build a tiny random model there)")
+                              "model.tiny_arch to build a tiny random model there, or "
+                              "model.gguf to import a GGUF checkpoint)")
         from r2ec_fast.model.tiny import make_tiny_model, texts_for_tokenizer
 
         make_tiny_model(cfg.tiny_arch, texts_for_tokenizer(data), path, seed=seed)
@@ -140,7 +145,9 @@ class Trainer:
         self.answer_id = tok.convert_tokens_to_ids(self.prompt_config.answer_start)
         if self.answer_id is None or self.answer_id == tok.unk_token_id:
             raise ConfigError(f"the tokenizer has no single token for the answer marker "
-                              f"{self.prompt_config.answer_start!r}; add it as a special token")
+                              f"{self.prompt_config.answer_start!r}; add it as a special token "
+                              "(r2ec_fast.model.markers.add_markers, which import-model "
+                              "applies)")
         r = config.rollout
         self.group_size = r.group_size if config.algo == "recpo" else 1
         self.no_reasoning = NoReasoning(self.answer_id)  # contrastive steps
@@ -163,9 +170,11 @@ class Trainer:
                           for name, s in self.data.splits.items()}
         params = [p for p in self.model.lm.parameters() if p.requires_grad]
         self.optimizer = _optimizer(params, config.optim, self.device, self.dist.enabled)
-        warmup = config.optim.warmup_steps
+        warmup, warm_steps = config.optim.warmup_steps, config.warm_start_steps
+        rl_scale = (config.optim.recpo_lr or config.optim.lr) / config.optim.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+            self.optimizer, lambda s: (min(1.0, (s + 1) / warmup) if warmup else 1.0) * (
+                rl_scale if s >= warm_steps and config.algo == "recpo" else 1.0))
         self.step, self.epoch, self.position = 0, 0, 0
         self.logger = MetricsLogger(self.run_dir)
         self.eval_logger = MetricsLogger(self.run_dir, filename=EVAL_FILE)
@@ -257,7 +266,10 @@ class Trainer:
         exclude = exclusion(self.histories["train"][rows].to(dev)).repeat_interleave(G, 0)
         self._oom_events = []
         with self.timer("rollout"), self.plan.gathered():
-            trajs = self._rollout(self.no_reasoning if warm else self.rollout, rows, G)
+            if warm and cfg.warm_start_reasoning == "target_description" and cfg.algo == "recpo":
+                trajs = self._described_trajectories(rows)
+            else:
+                trajs = self._rollout(self.no_reasoning if warm else self.rollout, rows, G)
         tokens_total = world.sum_int(sum(t.sampled for t in trajs))  # every rank's tokens
         while True:
             try:
@@ -272,7 +284,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)  # the failed attempt's partial sums
             free_memory()
             self.max_trajectories = halved(size)
-        reward, ndcg, rc, adv, sums, fresh, fresh_ids = out
+        reward, ndcg, rc, adv, sums, fresh, fresh_ids, h_all = out
+        if cfg.sample_every and (self.step + 1) % cfg.sample_every == 0 and world.is_main:
+            self._show_samples(rows[0], trajs[:G], h_all[:G], reward[:G], exclude[:G])
         token_loss, item_loss, clip_frac = world.sum_floats(sums)
         with self.timer("optimizer"):
             params = [p for p in self.model.lm.parameters() if p.requires_grad]
@@ -307,6 +321,19 @@ class Trainer:
             if size is not None:  # sizes in force since an out-of-memory error
                 metrics[key] = size
         return metrics
+
+    def _show_samples(self, row: int, trajs, h, reward, exclude) -> None:
+        """Print (and log to samples.jsonl) one user's prompt, chains and top-5 items."""
+        from r2ec_fast.data.prompts import user_prompt
+        from r2ec_fast.train.samples import format_report, sample_report, write_report
+
+        data = self.data
+        prompt = user_prompt(data["train"], row, data.items, data.category, self.prompt_config)
+        report = {"step": self.step + 1, "row": row, **sample_report(
+            self.model, data.items, prompt, int(data["train"].item_id[row]), trajs, h, reward,
+            exclude, self.config.recpo.sim_temperature)}
+        write_report(self.run_dir, report)
+        tqdm.write(format_report(report))
 
     def _out_of_memory(self, exc: BaseException, phase: str, size: int, unit: str) -> None:
         """Record an out-of-memory error in `phase` at pieces of `size`; raise when it cannot
@@ -345,6 +372,24 @@ class Trainer:
             self.max_rollout_users = halved(size)
         return trajs
 
+    def _described_trajectories(self, rows: list[int]):
+        """The warm start's teacher-forced trajectories: the prompt, the first line of the
+        target's description (else its title), the answer marker; at most
+        `rollout.max_new_tokens` tokens, the marker included."""
+        from r2ec_fast.rollout.hf import Trajectory
+
+        tok, items = self.model.tokenizer, self.data.items
+        limit = self.config.rollout.max_new_tokens
+        out = []
+        for prompt, target in zip(self.user_prompt_ids("train", rows),
+                                  self.data["train"].item_id[rows].tolist()):
+            text = (items.description[target].strip().split("\n", 1)[0]
+                    or items.title[target])
+            ids = tok(text, add_special_tokens=False)["input_ids"][:limit - 1]
+            # the marker is a target too: the model learns to end its reasoning
+            out.append(Trajectory(prompt, ids + [self.answer_id], len(ids) + 1))
+        return out
+
     def _update(self, trajs, G: int, B: int, warm: bool, targets_all, mine, exclude,
                 tokens_total: int):
         """The step after its rollout, in pieces of at most `max_trajectories` trajectories
@@ -353,11 +398,13 @@ class Trainer:
         targets are encoded once with gradient and its pieces read a detached copy (`leaf`);
         their gradients for it go back through the encodings once, after the last piece, so
         that a piece sees every target of its micro-batch whatever its size. Returns (reward,
-        ndcg, rc, adv [N], [token loss, item loss, clip fraction], fresh encodings, their ids).
+        ndcg, rc, adv [N], [token loss, item loss, clip fraction], fresh encodings, their ids,
+        the answer states h [N, d]).
         """
         from r2ec_fast.train.recpo import group_advantages, relabel_item_advantages
         from r2ec_fast.train.step import (
-            contrastive_loss, policy_forward, rewards, step_losses, trajectory_batch,
+            contrastive_loss, policy_forward, rewards, step_losses, title_loss,
+            trajectory_batch,
         )
 
         cfg, dev, world, rc_cfg = self.config, self.device, self.dist, self.config.recpo
@@ -410,6 +457,11 @@ class Trainer:
                         loss = contrastive_loss(h.float(), leaf.float(), labels, B,
                                                 rc_cfg.sim_temperature)
                         sums[1] += loss.item()
+                        if batch.token_ids.numel():  # teacher-forced reasoning (a description)
+                            self.plan.gather_head()
+                            nll = title_loss(self.model, token_hidden, batch, tokens_total)
+                            sums[0] += nll.item()
+                            loss = loss + nll
                     else:
                         self.plan.gather_head()  # the token loss reads the lm_head weight
                         parts = step_losses(
@@ -430,7 +482,7 @@ class Trainer:
                         items.backward(leaf.grad)
                     fresh.append(items.detach())
                     fresh_ids.append(targets_all.view(world.world_size, b)[:, lo:hi].reshape(-1))
-        return reward, ndcg, rc, adv, sums, fresh, fresh_ids
+        return reward, ndcg, rc, adv, sums, fresh, fresh_ids, h_all
 
     @torch.no_grad()
     def _encode_no_grad(self, item_ids: list[int]) -> torch.Tensor:

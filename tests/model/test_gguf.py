@@ -1,6 +1,7 @@
 """GGUF import (issue 15 item 1): a real pretrained model offline, converted once into an HF
 folder that DualHeadModel loads; clear errors for what cannot be imported."""
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -85,3 +86,51 @@ def test_rollout_engine_greedy_equals_hf_generate_on_smollm2(smollm2):
             hf = model.lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48,
                                    do_sample=False, eos_token_id=None)[0, len(prompt):]
         assert out.samples[0].token_ids == hf.tolist(), tok.decode(out.samples[0].token_ids)
+
+
+def test_imported_smollm2_has_single_token_answer_markers(smollm2):
+    """import-model adds <answer> and </answer> (split by SmolLM2's tokenizer) as tokens 49152
+    and 49153 of the tied embedding table, each the mean of the rows of its former pieces."""
+    from r2ec_fast.model import DualHeadModel
+    from r2ec_fast.model.markers import marker_ids
+
+    model = DualHeadModel.from_pretrained(smollm2, device="cpu")
+    tok = model.tokenizer
+    ids = marker_ids(tok, ("<answer>", "</answer>"))
+    assert ids == {"<answer>": 49152, "</answer>": 49153}
+    assert model.lm_head_weight.shape == (49154, 576)
+    emb = model.lm.get_input_embeddings().weight
+    assert model.lm_head_weight is emb  # tied: one table
+    for marker, tid in ids.items():
+        assert tok(marker, add_special_tokens=False)["input_ids"] == [tid]  # one token now
+    # the pieces of "<answer>" before the import: "<", "answer", ">"
+    pieces = [tok.convert_tokens_to_ids(t) for t in ("<", "answer", ">")]
+    assert torch.allclose(emb[49152].double(), emb[pieces].double().mean(0), atol=1e-6)
+
+
+def test_smollm2_preset_trains_two_steps_with_lora(smollm2, tmp_path, capsys):
+    """`r2ec-fast train --preset smollm2` (made smaller: 24 items, 2 users, 16 tokens): two
+    RecPO steps on the real model with LoRA, each printing one user's prompt, G chains and
+    top-5 items; only LoRA weights train and the adapter is checkpointed."""
+    from r2ec_fast.train.metrics import read_metrics
+
+    out = tmp_path / "run"
+    code = main(["train", "--preset", "smollm2", "--max-steps", "2", "--out", str(out),
+                 "--no-progress", "--no-eval",
+                 "--set", f"model.path={smollm2}", "--set", f"data.path={tmp_path / 'data'}",
+                 "--set", "data.synth_items=24", "--set", "data.synth_users=24",
+                 "--set", "data.synth_genres=2", "--set", "data.synth_attributes=2",
+                 "--set", "rollout.max_new_tokens=16", "--set", "rollout.group_size=2"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert text.count("--- step ") == 2 and "A user bought and rated" in text
+    assert "[chain 1]" in text and "    5. " in text and "target:" in text
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["reasoning_len"] > 0 and math.isfinite(m["loss"]) and m["grad_norm"] > 0
+    from safetensors import safe_open
+
+    with safe_open(str(out / "checkpoints" / "step-00000002" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_" in k for k in keys)

@@ -171,3 +171,66 @@ def test_lora_adapter_trains_saves_and_resumes(root):
     assert resumed.step == 1
     resumed.fit(2)
     assert [m["step"] for m in read_metrics(root / "lora" / "metrics.jsonl")] == [1, 2]
+
+
+def test_described_warm_start_teaches_the_target_description(root):
+    """warm_start_reasoning=target_description: the warm start's trajectories are the prompt,
+    the first line of the target's description and the marker (all three teacher-forced); the
+    token loss is the mean next-token loss over them (float64 restatement, softcap 30,
+    temperature 1), beside the contrastive loss."""
+    from r2ec_fast.train.step import policy_forward, trajectory_batch
+    from r2ec_fast.train.trainer import Trainer
+
+    config = tiny_config(root, warm_start_steps=2, warm_start_reasoning="target_description",
+                         **{"rollout.max_new_tokens": 12})
+    trainer = Trainer(config, root / "described", progress=False)
+    tok, items = trainer.model.tokenizer, trainer.data.items
+    state = (trainer.epoch, trainer.position)
+    rows = trainer.next_users()
+    trainer.epoch, trainer.position = state  # the step below takes the same users
+    trajs = trainer._described_trajectories(rows)
+    for row, traj in zip(rows, trajs):
+        target = int(trainer.data["train"].item_id[row])
+        line = items.description[target].split("\n")[0]
+        assert tok.decode(traj.completion[:-1]) == tok.decode(
+            tok(line, add_special_tokens=False)["input_ids"][:11])
+        assert traj.completion[-1] == trainer.answer_id and traj.sampled == len(traj.completion)
+        assert len(traj.completion) <= 12 and line.startswith("A ")
+    batch = trajectory_batch(trajs, tok.pad_token_id, trainer.device)
+    with torch.no_grad():
+        _, token_hidden = policy_forward(trainer.model, batch)
+    logp = linear_log_probs_reference(token_hidden.double(),
+                                      trainer.model.lm_head_weight.detach().double(),
+                                      batch.token_ids, 30.0, 1.0)
+    metrics = trainer.train_step()
+    assert metrics["reasoning_len"] == pytest.approx(batch.token_ids.numel() / len(rows))
+    assert metrics["token_loss"] == pytest.approx(-logp.mean().item(), rel=1e-5)
+    assert math.isfinite(metrics["item_loss"]) and metrics["item_loss"] > 0
+    trainer.fit(3)  # step 3 is RecPO's: sampled chains again
+    assert read_metrics(root / "described" / "metrics.jsonl")[-1]["clip_frac"] >= 0
+
+
+def test_samples_are_printed_and_logged(root, capsys):
+    """sample_every: one user's prompt, G chains (reward, target rank) and top-5 items, the
+    ranks those of score_catalog on the chains' answer states."""
+    from r2ec_fast.train.samples import SAMPLES_FILE
+    from r2ec_fast.train.trainer import Trainer
+
+    trainer = Trainer(tiny_config(root, sample_every=2, max_steps=2), root / "samples",
+                      progress=False)
+    trainer.fit(2)
+    lines = (root / "samples" / SAMPLES_FILE).read_text().splitlines()
+    assert len(lines) == 1
+    report = json.loads(lines[0])
+    assert report["step"] == 2 and "A user bought" in report["prompt"]
+    assert len(report["chains"]) == 2  # G
+    n = trainer.data.items.num_items
+    for chain in report["chains"]:
+        assert len(chain["top5"]) == 5 and all(1 <= i <= n for i, _ in chain["top5"])
+        assert 0 <= chain["target_rank"] < n and math.isfinite(chain["reward"])
+        ids = [i for i, _ in chain["top5"]]
+        assert (chain["target_rank"] < 5) == (report["target"][0] in ids)
+        if chain["target_rank"] < 5:
+            assert ids[chain["target_rank"]] == report["target"][0]
+    out = capsys.readouterr().out
+    assert "--- step 2" in out and "[chain 1]" in out and "    5. " in out
