@@ -31,10 +31,27 @@ CURVE_KEY = "ndcg@10"
 
 
 def variant_config(base, name: str, seed: int):
+    """The config of one run. A tiny random model is built per seed (`<model.path>-seed<N>`),
+    so that the seeds vary the initial weights too, not only the data order and sampling."""
     from r2ec_fast.train.config import apply_overrides
 
-    items = [o.format(max_steps=base.max_steps) for o in VARIANTS[name]]
-    return apply_overrides(base, items + [f"seed={seed}"])
+    items = [o.format(max_steps=base.max_steps) for o in VARIANTS[name]] + [f"seed={seed}"]
+    if base.model.tiny_arch:
+        items.append(f"model.path={base.model.path}-seed{seed}")
+    return apply_overrides(base, items)
+
+
+def prepare(configs) -> None:
+    """Build the missing data and models first, once each, before runs share them."""
+    import torch
+
+    from r2ec_fast.train.trainer import ensure_data, ensure_model
+
+    for config in {c.data.path: c for c in configs}.values():
+        data = ensure_data(config.data)
+    for config in {c.model.path: c for c in configs}.values():
+        ensure_model(config.model, ensure_data(config.data), torch.device("cpu"), config.seed)
+    del data
 
 
 def run_one(config, run_dir: Path, split: str) -> dict:
@@ -109,6 +126,12 @@ def plot_curves(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _run_ablate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -121,23 +144,45 @@ def _run_ablate(args: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
         seeds = [int(s) for s in args.seeds.split(",")]
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
         configs = {(n, s): variant_config(base, n, s) for n in names for s in seeds}
         out = Path(args.out)
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"--out {out} is not empty: choose a new folder")
-    except ValueError as exc:
+        prepare(configs.values())
+    except (ValueError, ImportError, OSError) as exc:
         print(f"r2ec-fast ablate: {exc}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {n: {} for n in names}
-    bar = tqdm(configs.items(), desc="ablate", unit="run", disable=args.no_progress)
-    for (name, seed), config in bar:
-        bar.set_postfix_str(f"{name}, seed {seed}")
-        folder = out / f"{name.replace('/', '').replace(' ', '-')}-s{seed}"
-        results[name][seed] = run_one(config, folder, args.split)
-        tqdm.write(f"{name}, seed {seed}: {args.split} NDCG@10 "
-                   f"{results[name][seed]['test'][CURVE_KEY]:.4f} "
-                   f"({results[name][seed]['seconds']:.0f} s)")
+    folders = {key: out / f"{key[0].replace('/', '').replace(' ', '-')}-s{key[1]}"
+               for key in configs}
+    bar = tqdm(total=len(configs), desc="ablate", unit="run", disable=args.no_progress)
+
+    def record(key, result):
+        results[key[0]][key[1]] = result
+        bar.update(1)
+        tqdm.write(f"{key[0]}, seed {key[1]}: {args.split} NDCG@10 "
+                   f"{result['test'][CURVE_KEY]:.4f} ({result['seconds']:.0f} s)")
+
+    if args.jobs == 1:
+        for key, config in configs.items():
+            record(key, run_one(config, folders[key], args.split))
+    else:  # one process per run, the CPU threads shared out between them
+        import multiprocessing
+        import os
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = {key: pool.submit(run_one, config, folders[key], args.split)
+                       for key, config in configs.items()}
+            for key, future in futures.items():
+                record(key, future.result())
+    bar.close()
+    results = {n: dict(sorted(runs.items())) for n, runs in results.items()}
     (out / "ablation.json").write_text(json.dumps(
         {"base": base.to_dict(), "variants": {n: VARIANTS[n] for n in names},
          "split": args.split, "results": results}, indent=1) + "\n")
@@ -180,5 +225,7 @@ def add_ablate(subparsers) -> None:
     p.add_argument("--split", choices=["valid", "test"], default="test",
                    help="split of the final table (default: test)")
     p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs in parallel, each in its own process (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_ablate, resume=False, max_steps=None)

@@ -35,6 +35,20 @@ def _popularity(trainer, split: str) -> dict:
     return rank_metrics(ranks)
 
 
+def _warm_start_eval(trainer, split: str) -> dict | None:
+    """The evaluation logged at the end of a RecPO run's warm start (eval_every dividing
+    warm_start_steps), else None."""
+    from r2ec_fast.train.metrics import read_metrics
+    from r2ec_fast.train.trainer import EVAL_FILE
+
+    config, path = trainer.config, trainer.run_dir / EVAL_FILE
+    if config.algo != "recpo" or not config.warm_start_steps or not path.is_file():
+        return None
+    found = [r for r in read_metrics(path)
+             if r.get("step") == config.warm_start_steps and r.get("split") == split]
+    return found[-1] if found else None
+
+
 def _rank(dist) -> str:
     """The ' (rank r)' of error messages in a multi-process job (every rank prints its own
     errors; everything else is rank 0's to print), else nothing."""
@@ -88,6 +102,9 @@ def _train(args: argparse.Namespace, dist) -> int:
         columns["before"] = trainer.evaluate(split, refresh=False)
     trainer.fit()
     if not args.no_eval:
+        warm = _warm_start_eval(trainer, split)
+        if warm is not None:
+            columns["warm start"] = warm  # its last step, warm_start_steps
         columns["after"] = trainer.evaluate(split)
         columns["popularity"] = _popularity(trainer, split)
         say(f"\n{split} split, {columns['after']['users']} users, full catalog of "

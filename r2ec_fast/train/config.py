@@ -371,20 +371,23 @@ def load_config(path: str | Path) -> TrainConfig:
 
 
 def preset_tiny() -> TrainConfig:
-    """CPU in minutes: a small synthetic catalog (4 genres x 4 colours, histories of 5-8
-    items), a tiny Gemma-2 built from it; 600 contrastive warm-start steps (the random model
-    learns nothing from RecPO's sparse item signal alone: measured, valid NDCG@10 fell from
-    0.0106 to 0.0049 over 60 RecPO steps), then 60 RecPO steps with 8 reasoning tokens; an
-    evaluation at the end of the warm start shows what RecPO adds."""
+    """CPU in minutes: a small synthetic catalog (500 items in 4 genres x 4 colours, histories
+    of 5-8 items), a tiny 2-layer Gemma-2 built from it. A warm start of 400 steps teaches the
+    random model to write about the item it will recommend (`target_description`: the first
+    line of the target's description, "A teal tent for camping lovers.", teacher-forced, with
+    the contrastive loss at the marker after it); then 200 RecPO steps sample 16-token chains
+    at temperature 1.0 with lr 3e-4 (measured on seed 0, from the same warm start: lr 3e-3
+    fell from 0.098 to 0.03 valid NDCG@10 within 60 steps, temperature 2.0 reached 0.116,
+    1.0 reached 0.129). README "Why reasoning helps here" has the whole story."""
     return TrainConfig.from_dict({
-        "max_steps": 660, "warm_start_steps": 600, "eval_every": 600,
-        "item_refresh_steps": 100, "save_every": 330,
+        "max_steps": 600, "warm_start_steps": 400, "warm_start_reasoning": "target_description",
+        "eval_every": 400, "item_refresh_steps": 100, "save_every": 300,
         "data": {"path": "data/synth-tiny", "synth_items": 500, "synth_users": 600,
-                 "synth_genres": 4, "synth_attributes": 4, "synth_history_max": 8,
-                 "eval_users": 200},
+                 "synth_genres": 4, "synth_attributes": 4, "synth_history_max": 8},
         "model": {"path": "models/tiny-preset-gemma2", "tiny_arch": "gemma2"},
-        "rollout": {"group_size": 4, "max_new_tokens": 8, "eval_max_new_tokens": 8},
-        "optim": {"lr": 3e-3, "warmup_steps": 5, "users_per_step": 16},
+        "rollout": {"group_size": 4, "temperature": 1.0, "max_new_tokens": 16,
+                    "eval_max_new_tokens": 16},
+        "optim": {"lr": 3e-3, "recpo_lr": 3e-4, "warmup_steps": 5, "users_per_step": 16},
     })
 
 

@@ -138,3 +138,17 @@ def title_loss(model, token_hidden, batch: TrajectoryBatch, tokens_total: int) -
     logp = linear_log_probs(token_hidden, model.lm_head_weight, batch.token_ids,
                             softcap=model.softcap)
     return -logp.sum() / max(1, tokens_total)
+
+
+def described_trajectories(tokenizer, items, targets: list[int], prompts: list[list[int]],
+                           answer_id: int, limit: int) -> list[Trajectory]:
+    """The `target_description` warm start's teacher-forced trajectories: each prompt, the
+    first line of its target's description (else the title), the answer marker; at most
+    `limit` tokens after the prompt, the marker included. Every one of them is a target of the
+    next-token loss: the marker too, so that the model learns to end its reasoning."""
+    out = []
+    for prompt, target in zip(prompts, targets):
+        text = items.description[target].strip().split("\n", 1)[0] or items.title[target]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:limit - 1]
+        out.append(Trajectory(prompt, ids + [answer_id], len(ids) + 1))
+    return out
