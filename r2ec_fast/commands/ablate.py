@@ -198,7 +198,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
 
 
 def add_ablate(subparsers) -> None:
-    from r2ec_fast.train.config import PRESETS
+    from r2ec_fast.commands.train import add_config_arguments
 
     p = subparsers.add_parser(
         "ablate", help="the ablation table: R2ec against w/o reasoning, w/o R_c, w/o R_d, RLOO",
@@ -213,12 +213,7 @@ def add_ablate(subparsers) -> None:
                 "  r2ec-fast ablate --preset tiny --variant R2ec --variant 'w/o reasoning' "
                 "--out runs/ab2"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--config", type=Path, metavar="FILE", help="a JSON base config")
-    source.add_argument("--preset", choices=list(PRESETS), help="a built-in base config "
-                        "(default: tiny)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a base config value (repeatable)")
+    add_config_arguments(p)  # the base config
     p.add_argument("--variant", action="append", metavar="NAME",
                    help="run only these variants (repeatable; default: all)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")

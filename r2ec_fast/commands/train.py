@@ -117,6 +117,19 @@ def _train(args: argparse.Namespace, dist) -> int:
     return 0
 
 
+def add_config_arguments(p) -> None:
+    """--config FILE | --preset NAME, and repeatable --set KEY=VALUE (read by `_config`)."""
+    from r2ec_fast.train.config import PRESETS
+
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, metavar="FILE",
+                        help="a JSON config (e.g. a run's config.json)")
+    source.add_argument("--preset", choices=list(PRESETS),
+                        help="a built-in config (default: tiny)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=2e-5 (repeatable)")
+
+
 def add_train(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train an R2ec model with RecPO (or the contrastive warm start)",
@@ -143,15 +156,7 @@ def add_train(subparsers) -> None:
                 "  r2ec-fast train --preset tiny --set algo=contrastive --set optim.lr=2e-3 "
                 "--out runs/warm"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--config", type=Path, metavar="FILE",
-                        help="a JSON config (e.g. a run's config.json)")
-    from r2ec_fast.train.config import PRESETS
-
-    source.add_argument("--preset", choices=list(PRESETS),
-                        help="a built-in config (default: tiny)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=2e-5 (repeatable)")
+    add_config_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR",
                    help="the run folder: new or empty, or a run to --resume")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
