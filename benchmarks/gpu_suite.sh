@@ -62,7 +62,7 @@ fi
 timeout 240 python3 -c "import sys; from r2ec_fast.ops.sampling import _cuda_extension; \
 sys.exit(_cuda_extension() is None)" >"$OUT/build-csrc.log" 2>&1 &
 BUILD_PID=$!
-stage pytest-gpu 150 python3 -m pytest -m gpu -v -rfE --tb=short --durations=15 -p no:cacheprovider \
+stage pytest-gpu 150 env PYTHONSAFEPATH=1 python3 -m pytest -m gpu -v -rfE --tb=short --durations=15 -p no:cacheprovider \
     -o faulthandler_timeout=100
 grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/pytest-gpu.log" | tail -n 40
 if wait "$BUILD_PID"; then echo "== csrc build: ok"; else echo "== csrc build FAILED: see $OUT/build-csrc.log"; FAILED+=("build-csrc"); fi
