@@ -41,7 +41,11 @@ def launch(*args: str, processes: int = 1) -> str:
     (gloo, a free port); its stdout. Separate processes keep this one's memory small."""
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                 str(processes)] if processes > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # this folder on the path explicitly: under PYTHONSAFEPATH (the test command) a script's
+    # own folder is not (the worker imports test_trainer)
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
