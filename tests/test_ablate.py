@@ -18,6 +18,17 @@ def test_summary_numbers_are_the_runs_numbers():
     assert "| w/o reasoning | 0.1500 ± 0.0500 |" in text
     # paired differences -0.2, 0.0, -0.1: mean -0.1, std 0.1, standard error 0.1 / sqrt(3)
     assert f"-0.1000 ± {0.1 / math.sqrt(3):.4f} |" in text
+    assert "warm start" not in text
+    for name, curves in (("R2ec", ([(0, .0), (4, .1), (8, .3)], [(0, .0), (4, .2), (8, .3)],
+                                   [(0, .0), (4, .1), (8, .1)])),
+                         ("w/o reasoning", ([(0, .0), (8, .2)],) * 3)):
+        for seed, curve in enumerate(curves):
+            results[name][seed]["curve"] = curve
+    text = summarise(results, "test", warm_step=4)
+    # gains 0.2, 0.1, 0.0: mean 0.1, std 0.1; w/o reasoning has no step 4, no row
+    assert ("| R2ec | 0.1000 -> 0.3000 | 0.2000 -> 0.3000 | 0.1000 -> 0.1000 | "
+            f"+0.1000 ± {0.1 / math.sqrt(3):.4f} |") in text
+    assert text.count("| w/o reasoning |") == 1
     assert mean_std([1.0]) == (1.0, 0.0)
     m, s = mean_std([1.0, 2.0, 4.0])
     assert m == pytest.approx(7 / 3) and s == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (
@@ -42,12 +53,16 @@ def test_variants_change_only_what_they_name():
     for key in ("seed", "model"):
         base_dict.pop(key)
     assert same == base_dict
-    assert set(VARIANTS) == {"R2ec", "w/o reasoning", "warm start only", "w/o R_c", "w/o R_d",
+    assert variant_config(base, "w/o anchor", 0).recpo.anchor_weight == 0.0
+    anchor_only = variant_config(base, "anchor only", 0).recpo
+    assert anchor_only.token_loss_weight == anchor_only.item_loss_weight == 0.0
+    assert anchor_only.anchor_weight == base.recpo.anchor_weight > 0
+    assert set(VARIANTS) == {"R2ec", "w/o anchor", "anchor only", "w/o reasoning", "warm start only", "w/o R_c", "w/o R_d",
                              "RLOO"}
 
 
 def test_ablate_runs_every_variant_and_seed(tmp_path, capsys):
-    values = {"max_steps": 3, "warm_start_steps": 2, "eval_every": 2, "save_every": 0,
+    values = {"max_steps": 4, "warm_start_steps": 2, "eval_every": 2, "save_every": 0,
               "item_refresh_steps": 0, "warm_start_reasoning": "target_description",
               "data": {"path": str(tmp_path / "data"), "synth_items": 120, "synth_users": 30,
                        "synth_genres": 4, "synth_attributes": 4, "eval_users": 6},
@@ -66,13 +81,17 @@ def test_ablate_runs_every_variant_and_seed(tmp_path, capsys):
     for name, runs in results.items():
         assert set(runs) == {"0", "1"}
         for seed, run in runs.items():
-            # the curve: step 0, the eval every 2 steps, and the end
-            assert [s for s, _ in run["curve"]] == [0, 2]
+            # the curve: step 0, the eval every 2 steps (the last at the end)
+            assert [s for s, _ in run["curve"]] == [0, 2, 4]
             assert all(0 <= v <= 1 for _, v in run["curve"])
             assert run["users"] == 6 and set(run["test"]) >= {"hit@5", CURVE_KEY}
             folder = out / f"{name.replace('/', '').replace(' ', '-')}-s{seed}"
             assert (folder / "metrics.jsonl").is_file()
     table = (out / "ablation.md").read_text()
+    assert "at the end of the warm start (step 2)" in table
+    gains = [results["R2ec"][k]["curve"][2][1] - results["R2ec"][k]["curve"][1][1]
+             for k in ("0", "1")]
+    assert f"| {mean_std(gains)[0]:+.4f} ± " in table.split("| R2ec |")[2]
     m, s = mean_std([results["R2ec"][k]["test"]["hit@5"] for k in ("0", "1")])
     assert f"| R2ec | {m:.4f} ± {s:.4f} |" in table
     assert (out / "ablation_valid_ndcg.png").stat().st_size > 1000

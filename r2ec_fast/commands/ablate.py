@@ -19,7 +19,9 @@ from pathlib import Path
 
 # name -> overrides of the base config; "R2ec" is the base itself
 VARIANTS = {
-    "R2ec": [],
+    "R2ec": [],  # the preset: RecPO with the warm start's loss as its anchor
+    "w/o anchor": ["recpo.anchor_weight=0"],  # the paper's RecPO
+    "anchor only": ["recpo.token_loss_weight=0", "recpo.item_loss_weight=0"],  # no RL
     "w/o reasoning": ["algo=contrastive"],
     "warm start only": ["warm_start_steps={max_steps}"],
     "w/o R_c": ["recpo.beta=0"],
@@ -77,9 +79,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def summarise(results: dict, split: str) -> str:
+def summarise(results: dict, split: str, warm_step: int | None = None) -> str:
     """The markdown table: mean ± std over seeds per variant, then each variant's paired
-    difference from R²ec in NDCG@10 (same seeds), mean ± its standard error."""
+    difference from R²ec in NDCG@10 (same seeds), mean ± its standard error. With
+    `warm_step` (the warm start's length), a second table: each seed's valid NDCG@10 at that
+    step and at the end, for the variants whose curves continue after it."""
     names = list(results)
     seeds = sorted({s for runs in results.values() for s in runs})
     lines = [f"{split} split, {len(seeds)} seeds ({', '.join(map(str, seeds))}), mean ± std",
@@ -100,6 +104,21 @@ def summarise(results: dict, split: str) -> str:
             m, s = mean_std(paired)
             diff = f"{m:+.4f} ± {s / math.sqrt(len(paired)):.4f}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {diff} |")
+    rows = []
+    for name in names if warm_step else []:
+        curves = {seed: dict(run["curve"]) for seed, run in results[name].items()}
+        if not all(warm_step in c and max(c) > warm_step for c in curves.values()):
+            continue  # no warm start to compare with (or nothing after it)
+        pairs = {seed: (c[warm_step], c[max(c)]) for seed, c in curves.items()}
+        m, sd = mean_std([b - a for a, b in pairs.values()])
+        rows.append(f"| {name} | " + " | ".join(
+            f"{pairs[s][0]:.4f} -> {pairs[s][1]:.4f}" if s in pairs else "—" for s in seeds)
+            + f" | {m:+.4f} ± {sd / math.sqrt(len(pairs)):.4f} |")
+    if rows:
+        lines += ["", f"valid {CURVE_KEY} per seed at the end of the warm start (step "
+                  f"{warm_step}) -> at the end; the gain's mean ± s.e.", "",
+                  "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | gain |",
+                  "|---" * (len(seeds) + 2) + "|"] + rows
     return "\n".join(lines) + "\n"
 
 
@@ -186,7 +205,8 @@ def _run_ablate(args: argparse.Namespace) -> int:
     (out / "ablation.json").write_text(json.dumps(
         {"base": base.to_dict(), "variants": {n: VARIANTS[n] for n in names},
          "split": args.split, "results": results}, indent=1) + "\n")
-    table = summarise(results, args.split)
+    warm = base.warm_start_steps if base.algo == "recpo" else None
+    table = summarise(results, args.split, warm)
     (out / "ablation.md").write_text(table)
     print(table)
     try:

@@ -131,7 +131,7 @@ def contrastive_loss(h, item_h, labels, users_total: int, temperature: float) ->
     return -in_batch_log_prob(h, item_h, labels, temperature=temperature).sum() / users_total
 
 
-def title_loss(model, token_hidden, batch: TrajectoryBatch, tokens_total: int) -> torch.Tensor:
+def description_loss(model, token_hidden, batch: TrajectoryBatch, tokens_total: int) -> torch.Tensor:
     """The warm start's next-token loss on teacher-forced reasoning tokens (about the
     target): their summed negative log-probability over `tokens_total`, the step's count (so
     that pieces and ranks add up to the mean); the model's softcap, temperature 1."""

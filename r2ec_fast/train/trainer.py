@@ -203,15 +203,20 @@ class Trainer:
         targets_all = torch.as_tensor(self.data["train"].item_id[rows_all], device=dev)  # [B]
         exclude = exclusion(self.histories["train"][rows].to(dev)).repeat_interleave(G, 0)
         self._oom_events = []
+        anchor = None  # RecPO's anchor: the warm start's trajectories of the same users
         with self.timer("rollout"), self.plan.gathered():
-            if warm and cfg.warm_start_reasoning == "target_description" and cfg.algo == "recpo":
-                trajs = self._described_trajectories(rows)
+            if warm and cfg.algo == "recpo":
+                trajs = self._warm_trajectories(rows)
             else:
                 trajs = self._rollout(self.no_reasoning if warm else self.rollout, rows, G)
+            if not warm and cfg.recpo.anchor_weight:
+                anchor = self._warm_trajectories(rows)
+                anchor = (anchor, world.sum_int(sum(t.sampled for t in anchor)))
         tokens_total = world.sum_int(sum(t.sampled for t in trajs))  # every rank's tokens
         while True:
             try:
-                out = self._update(trajs, G, B, warm, targets_all, mine, exclude, tokens_total)
+                out = self._update(trajs, G, B, warm, targets_all, mine, exclude, tokens_total,
+                                   anchor)
                 break
             except Exception as exc:  # only out-of-memory is retried; the rest propagates
                 if not is_out_of_memory(exc):
@@ -225,11 +230,13 @@ class Trainer:
         reward, ndcg, rc, adv, sums, fresh, fresh_ids, h_all = out
         if cfg.sample_every and (self.step + 1) % cfg.sample_every == 0 and world.is_main:
             self._show_samples(rows[0], trajs[:G], h_all[:G], reward[:G], exclude[:G])
-        token_loss, item_loss, clip_frac = world.sum_floats(sums)
+        token_loss, item_loss, clip_frac, anchor_loss = world.sum_floats(sums)
         with self.timer("optimizer"):
             params = [p for p in self.model.lm.parameters() if p.requires_grad]
             grad_norm = clip_grad_norm_(params, cfg.optim.grad_clip or math.inf).item()
-            total = token_loss + cfg.recpo.item_loss_weight * item_loss
+            total = (cfg.recpo.token_loss_weight * token_loss
+                     + cfg.recpo.item_loss_weight * item_loss
+                     + cfg.recpo.anchor_weight * anchor_loss)
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
                 raise FloatingPointError(f"step {self.step}: loss {total} or grad norm "
                                          f"{grad_norm} is not finite; lower optim.lr")
@@ -246,6 +253,7 @@ class Trainer:
         self.step += 1
         reward, ndcg, rc, adv = (world.gather_cat(x) for x in (reward, ndcg, rc, adv))
         metrics = {"loss": total, "token_loss": token_loss, "item_loss": item_loss,
+                   **({"anchor_loss": anchor_loss} if anchor else {}),
                    "clip_frac": clip_frac, "reward_mean": reward.mean().item(),
                    "reward_std": reward.std().item() if reward.numel() > 1 else 0.0,
                    "ndcg": ndcg.mean().item(), "rc": rc.mean().item(),
@@ -310,30 +318,32 @@ class Trainer:
             self.max_rollout_users = halved(size)
         return trajs
 
-    def _described_trajectories(self, rows: list[int]):
+    def _warm_trajectories(self, rows: list[int]):
+        """A RecPO run's warm-start trajectories (also its anchor's): the prompt, then the
+        teacher-forced description (`target_description`) or nothing, then the marker."""
         from r2ec_fast.train.step import described_trajectories
 
+        if self.config.warm_start_reasoning != "target_description":
+            return self._rollout(self.no_reasoning, rows, 1)
         return described_trajectories(
             self.model.tokenizer, self.data.items, self.data["train"].item_id[rows].tolist(),
             self.user_prompt_ids("train", rows), self.answer_id,
             self.config.rollout.max_new_tokens)
 
     def _update(self, trajs, G: int, B: int, warm: bool, targets_all, mine, exclude,
-                tokens_total: int):
+                tokens_total: int, anchor=None):
         """The step after its rollout, in pieces of at most `max_trajectories` trajectories
         (None: each micro-batch at once): the answer states without gradient, the rewards and
         advantages, then per micro-batch its losses and backward. In-batch, a micro-batch's
         targets are encoded once with gradient and its pieces read a detached copy (`leaf`);
         their gradients for it go back through the encodings once, after the last piece, so
         that a piece sees every target of its micro-batch whatever its size. Returns (reward,
-        ndcg, rc, adv [N], [token loss, item loss, clip fraction], fresh encodings, their ids,
-        the answer states h [N, d]).
-        """
+        ndcg, rc, adv [N], [token loss, item loss, clip fraction, anchor loss], fresh
+        encodings, their ids, the answer states h [N, d]). `anchor`: (this rank's warm-start
+        trajectories, one per user, and every rank's token count of them), whose supervised
+        loss joins RecPO's (`recpo.anchor_weight`), or None."""
         from r2ec_fast.train.recpo import group_advantages, relabel_item_advantages
-        from r2ec_fast.train.step import (
-            contrastive_loss, policy_forward, rewards, step_losses, title_loss,
-            trajectory_batch,
-        )
+        from r2ec_fast.train.step import policy_forward, rewards, step_losses, trajectory_batch
 
         cfg, dev, world, rc_cfg = self.config, self.device, self.dist, self.config.recpo
         pad, N, cap = self.model.tokenizer.pad_token_id, len(trajs), self.max_trajectories
@@ -362,9 +372,9 @@ class Trainer:
             reward, ndcg, rc = (torch.cat(x) for x in list(zip(*scored))[:3])
             adv = group_advantages(reward, G, rc_cfg.advantage)
             item_adv = relabel_item_advantages(adv, G, rc_cfg.relabel_topk)
-        sums = [0.0, 0.0, 0.0]  # token loss, item loss, clip fraction
+        sums = [0.0, 0.0, 0.0, 0.0]  # token loss, item loss, clip fraction, anchor loss
         fresh, fresh_ids = [], []
-        need_items = warm or rc_cfg.item_loss == "in_batch"
+        need_items = warm or rc_cfg.item_loss == "in_batch" or anchor is not None
         with self.timer("forward_backward"):
             for lo, hi in chunks:
                 items = leaf = None
@@ -382,21 +392,18 @@ class Trainer:
                     # where each trajectory's target is in `items` (this rank's block of rows)
                     labels = world.rank * (hi - lo) + torch.arange(a, z, device=dev) // G - lo
                     if warm:
-                        loss = contrastive_loss(h.float(), leaf.float(), labels, B,
-                                                rc_cfg.sim_temperature)
-                        sums[1] += loss.item()
-                        if batch.token_ids.numel():  # teacher-forced reasoning (a description)
-                            self.plan.gather_head()
-                            nll = title_loss(self.model, token_hidden, batch, tokens_total)
-                            sums[0] += nll.item()
-                            loss = loss + nll
+                        item_part, nll = self._supervised_loss(batch, h, token_hidden, leaf,
+                                                               labels, B, tokens_total)
+                        sums[0] += nll.item()
+                        sums[1] += item_part.item()
+                        loss = item_part + nll
                     else:
                         self.plan.gather_head()  # the token loss reads the lm_head weight
                         parts = step_losses(
                             self.model, h.float(), token_hidden, batch, adv[a:z], item_adv[a:z],
                             targets[a:z], exclude[a:z], None if leaf is None else leaf.float(),
-                            labels, rc_cfg, cfg.rollout.temperature, 1.0,
-                            rc_cfg.item_loss_weight, B, B * G, tokens_total)
+                            labels, rc_cfg, cfg.rollout.temperature,
+                            rc_cfg.token_loss_weight, rc_cfg.item_loss_weight, B, B * G, tokens_total)
                         loss = parts.loss
                         sums[0] += parts.token_loss.item()
                         sums[1] += parts.item_loss.item()
@@ -404,6 +411,18 @@ class Trainer:
                             1, tokens_total)
                     self._phase = "backward"
                     loss.backward()
+                if anchor is not None:  # the same users' warm-start trajectories
+                    for a, z in pieces(lo, hi, cap):
+                        self._phase = "forward"
+                        batch = trajectory_batch(anchor[0][a:z], pad, dev)
+                        h, token_hidden = policy_forward(self.model, batch)
+                        labels = world.rank * (hi - lo) + torch.arange(a, z, device=dev) - lo
+                        item_part, nll = self._supervised_loss(batch, h, token_hidden, leaf,
+                                                               labels, B, anchor[1])
+                        loss = item_part + nll
+                        sums[3] += loss.item()
+                        self._phase = "backward"
+                        (rc_cfg.anchor_weight * loss).backward()
                 if items is not None:
                     self._phase = "backward"
                     if leaf.grad is not None:
@@ -411,6 +430,20 @@ class Trainer:
                     fresh.append(items.detach())
                     fresh_ids.append(targets_all.view(world.world_size, b)[:, lo:hi].reshape(-1))
         return reward, ndcg, rc, adv, sums, fresh, fresh_ids, h_all
+
+    def _supervised_loss(self, batch, h, token_hidden, leaf, labels, B: int,
+                         tokens_total: int):
+        """The warm start's two losses on teacher-forced trajectories: (the contrastive loss
+        at the marker, the next-token loss on the reasoning tokens, 0 without any)."""
+        from r2ec_fast.train.step import contrastive_loss, description_loss
+
+        item_part = contrastive_loss(h.float(), leaf.float(), labels, B,
+                                     self.config.recpo.sim_temperature)
+        nll = torch.zeros((), device=h.device)
+        if batch.token_ids.numel():  # teacher-forced reasoning (a description)
+            self.plan.gather_head()
+            nll = description_loss(self.model, token_hidden, batch, tokens_total)
+        return item_part, nll
 
     @torch.no_grad()
     def _encode_no_grad(self, item_ids: list[int]) -> torch.Tensor:

@@ -188,7 +188,7 @@ def test_described_warm_start_teaches_the_target_description(root):
     state = (trainer.epoch, trainer.position)
     rows = trainer.next_users()
     trainer.epoch, trainer.position = state  # the step below takes the same users
-    trajs = trainer._described_trajectories(rows)
+    trajs = trainer._warm_trajectories(rows)
     for row, traj in zip(rows, trajs):
         target = int(trainer.data["train"].item_id[row])
         line = items.description[target].split("\n")[0]
@@ -234,3 +234,53 @@ def test_samples_are_printed_and_logged(root, capsys):
             assert ids[chain["target_rank"]] == report["target"][0]
     out = capsys.readouterr().out
     assert "--- step 2" in out and "[chain 1]" in out and "    5. " in out
+
+
+def test_anchor_adds_the_warm_start_loss_to_recpo(root):
+    """recpo.anchor_weight = w: a RecPO step's gradient is RecPO's own plus w times the warm
+    start's (teacher-forced description: next-token loss + contrastive loss at the marker) on
+    the same users, and its anchor_loss is that warm-start loss."""
+    from r2ec_fast.train.step import exclusion
+    from r2ec_fast.train.trainer import Trainer
+
+    w = 0.5
+    config = tiny_config(root, warm_start_reasoning="target_description",
+                         **{"recpo.anchor_weight": w, "rollout.max_new_tokens": 8})
+    trainer = Trainer(config, root / "anchor", progress=False)
+    G, rows = trainer.group_size, trainer.next_users()
+    B, mine = len(rows), trainer.dist.split(len(rows))
+    targets = torch.as_tensor(trainer.data["train"].item_id[rows])
+    hist = exclusion(trainer.histories["train"][rows])
+    trajs = trainer._rollout(trainer.rollout, rows, G)
+    warm = trainer._warm_trajectories(rows)
+    warm_tokens = sum(t.sampled for t in warm)
+    assert warm_tokens > len(rows)  # descriptions, not only the markers
+
+    def grads(*args):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        sums = trainer._update(*args)[4]
+        return {n: (torch.zeros_like(p) if p.grad is None else p.grad.double().clone())
+                for n, p in trainer.model.lm.named_parameters() if p.requires_grad}, sums
+
+    rl_args = (trajs, G, B, False, targets, mine, hist.repeat_interleave(G, 0),
+               sum(t.sampled for t in trajs))
+    g_rl, s_rl = grads(*rl_args)
+    g_both, s_both = grads(*rl_args, (warm, warm_tokens))
+    g_warm, s_warm = grads(warm, 1, B, True, targets, mine, hist, warm_tokens)
+    assert s_both[:3] == pytest.approx(s_rl[:3], rel=1e-6) and s_rl[3] == 0
+    assert s_both[3] == pytest.approx(s_warm[0] + s_warm[1], rel=1e-5)
+    assert sum(g.abs().sum() for g in g_warm.values()) > 0
+    for name, g in g_both.items():
+        want = g_rl[name] + w * g_warm[name]
+        assert torch.allclose(g, want, rtol=1e-4, atol=1e-6 * want.abs().max().item()), name
+    # token and item weights 0: the anchor alone (the "anchor only" ablation)
+    trainer.config.recpo.token_loss_weight = trainer.config.recpo.item_loss_weight = 0.0
+    g_anchor, _ = grads(*rl_args, (warm, warm_tokens))
+    for name, g in g_anchor.items():
+        want = w * g_warm[name]
+        assert torch.allclose(g, want, rtol=1e-4, atol=1e-6 * want.abs().max().item()), name
+    trainer.config.recpo.token_loss_weight, trainer.config.recpo.item_loss_weight = 0.7, 1.0
+    metrics = trainer.train_step()
+    assert metrics["anchor_loss"] > 0
+    assert metrics["loss"] == pytest.approx(0.7 * metrics["token_loss"] + metrics["item_loss"]
+                                            + w * metrics["anchor_loss"], rel=1e-6)
